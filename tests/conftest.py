@@ -26,6 +26,10 @@ def _fake_credentials(tmp_dir: Path) -> Path:
                 "client_id": "fake.apps.googleusercontent.com",
                 "client_secret": "fake",
                 "refresh_token": "fake",
+                # A token that never expires: Beam's GCS client passes these credentials
+                # explicitly, so without it every gs:// call tries oauth2.googleapis.com.
+                "token": "fake-token",
+                "expiry": "2999-01-01T00:00:00Z",
             }
         )
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -47,7 +47,9 @@ class EncodedImage:
     width: int
 
 
-def load_radiographs(directory: str | os.PathLike[str] = DEFAULT_RADIOGRAPH_DIR) -> list[np.ndarray]:
+def load_radiographs(
+    directory: str | os.PathLike[str] = DEFAULT_RADIOGRAPH_DIR,
+) -> list[np.ndarray]:
     """Reads the seed radiographs (greyscale PNGs) from `directory`, sorted by name.
 
     Raises:
@@ -93,7 +95,9 @@ def synthesize_radiograph(
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def pool_shapes(height: int, width: int, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+def pool_shapes(
+    height: int, width: int, count: int, rng: np.random.Generator
+) -> list[tuple[int, int]]:
     """Sizes for `count` pool images: mostly `height` x `width`, some landscape, some shorter."""
     shapes = []
     for _ in range(count):
@@ -213,9 +217,3 @@ class ImageTreeWriter:
             sources, targets = zip(*self._pending)
             self._pending = []
             FileSystems.copy(list(sources), list(targets))
-
-    def write_all(self, items: Iterable[tuple[str, int]], pool: Sequence[EncodedImage]) -> None:
-        """Writes (relpath, pool_index) items, then flushes."""
-        for relpath, index in items:
-            self.write_pooled(relpath, index, pool[index])
-        self.flush()
