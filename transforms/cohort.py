@@ -1,0 +1,416 @@
+"""The cohort join: one record per frontal image linked to the ED stay it was taken in.
+
+The rule (SPEC.md, "The default cohort"): a frontal image (ViewPosition in `views`) links to
+the same subject's ED stay whose [intime, outtime] holds the study datetime, the latest intime
+winning; triage and the patient attach by stay_id / subject_id, vitals and medications only up
+to the study time (no look-ahead), CheXpert labels by study_id.
+
+Every table is keyed by subject_id and joined in one CoGroupByKey, so a worker holds one
+patient's rows at a time. Before the join, non-frontal images and bad timestamps leave early
+and the other tables are cut to the subjects that still have an image and to the columns the
+record needs, since the local runner keeps everything crossing the join in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import math
+from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import fileio, records, schema
+from transforms.errors import InputError
+from transforms.tables import columns
+
+STAGE = "join"
+RECORDS_TAG = "records"
+METRICS_NAMESPACE = "cohort"
+RECORDS_COUNTER = "records"
+
+# The tables JoinCohort reads (the keys of its input dict).
+JOIN_TABLES: tuple[str, ...] = (
+    "patients", "admissions", "edstays", "triage", "vitalsign", "medrecon", "metadata",
+    "chexpert",
+)
+
+PATIENT_FIELDS = ("gender", "anchor_age", "anchor_year", "anchor_year_group")
+STAY_FIELDS = ("intime", "outtime", "gender", "race", "arrival_transport")
+TRIAGE_FIELDS = (
+    "temperature", "heartrate", "resprate", "o2sat", "sbp", "dbp", "pain", "acuity",
+    "chiefcomplaint",
+)
+VITAL_FIELDS = (
+    "charttime", "temperature", "heartrate", "resprate", "o2sat", "sbp", "dbp", "pain",
+)
+
+# What of each table crosses the join (value tuples in this order; subject_id is the key).
+# Outcomes (edstays.disposition, ed/diagnosis, patients.dod) are never among them.
+_JOIN_COLUMNS: dict[str, tuple[str, ...]] = {
+    "patients": PATIENT_FIELDS,
+    "admissions": ("dischtime",),
+    "edstays": ("stay_id", "hadm_id", "intime", "outtime", "gender", "race",
+                "arrival_transport"),
+    "triage": ("stay_id",) + TRIAGE_FIELDS,
+    "vitalsign": ("stay_id",) + VITAL_FIELDS,
+    "medrecon": ("stay_id", "charttime", "name"),
+    "chexpert": ("study_id",) + schema.CHEXPERT_LABELS,
+}
+
+_MISSING_LABELS: tuple[float, ...] = (math.nan,) * len(schema.CHEXPERT_LABELS)
+_MS = decimal.Decimal("0.001")
+
+
+def parse_study_datetime(study_date: Any, study_time: Any) -> dt.datetime:
+    """The datetime of a study from MIMIC-CXR's StudyDate and StudyTime.
+
+    StudyDate is an int YYYYMMDD; StudyTime a float HHMMSS.fff whose leading zeros were lost
+    and which may carry float noise: "0.187" is 00:00:00.187, "5959.25" 00:59:59.250,
+    "213014.53100000002" 21:30:14.531. The time is rounded to milliseconds.
+
+    Raises:
+        ValueError: either value is blank, not a number, or not a valid date/time.
+    """
+    date_text = str(study_date).strip() if study_date is not None else ""
+    time_text = str(study_time).strip() if study_time is not None else ""
+    try:
+        date_num = decimal.Decimal(date_text)
+        time_num = decimal.Decimal(time_text)
+    except decimal.InvalidOperation:
+        raise ValueError(
+            f"StudyDate/StudyTime not numeric: {date_text[:20]!r}, {time_text[:20]!r}"
+        ) from None
+    if not date_num.is_finite() or date_num != date_num.to_integral_value():
+        raise ValueError(f"StudyDate is not an integer YYYYMMDD: {date_text[:20]!r}")
+    ymd = int(date_num)
+    if not 10000101 <= ymd <= 99991231:
+        raise ValueError(f"StudyDate is not YYYYMMDD: {date_text[:20]!r}")
+    day = dt.datetime(ymd // 10000, ymd // 100 % 100, ymd % 100)  # ValueError if invalid
+    if not time_num.is_finite() or time_num < 0:
+        raise ValueError(f"StudyTime is not HHMMSS.fff: {time_text[:20]!r}")
+    hours = int(time_num // 10000)
+    minutes = int(time_num // 100 % 100)
+    seconds = time_num % 100
+    if hours > 23 or minutes > 59 or seconds >= 60:
+        raise ValueError(f"StudyTime is not HHMMSS.fff: {time_text[:20]!r}")
+    millis = int((seconds * 1000).quantize(decimal.Decimal(1), decimal.ROUND_HALF_EVEN))
+    # timedelta carries a rounding of 59.9996 s up into the next minute (or day).
+    return day + dt.timedelta(hours=hours, minutes=minutes, milliseconds=millis)
+
+
+def parse_table_datetime(value: Optional[str]) -> Optional[dt.datetime]:
+    """A table datetime ("2180-07-23 21:30:14", also without seconds); None if blank or bad."""
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class EdStay:
+    """One ED stay of a subject, with parsed bounds and the raw fields the record keeps."""
+
+    stay_id: int
+    hadm_id: Optional[int]
+    intime: dt.datetime
+    outtime: dt.datetime
+    fields: tuple[Optional[str], ...]  # STAY_FIELDS values
+
+
+_Stay = TypeVar("_Stay")
+
+
+def pick_stay(study_time: dt.datetime, stays: Iterable[_Stay]) -> Optional[_Stay]:
+    """The stay whose [intime, outtime] (inclusive) holds `study_time`, or None.
+
+    Where several hold it, the latest intime wins; equal intimes go to the larger stay_id,
+    so the choice never depends on input order. `stays` are objects with `stay_id`,
+    `intime` and `outtime` (e.g. EdStay), all of one subject.
+    """
+    best = None
+    for stay in stays:
+        if stay.intime <= study_time <= stay.outtime:
+            if best is None or (stay.intime, stay.stay_id) > (best.intime, best.stay_id):
+                best = stay
+    return best
+
+
+def _order_key(row: Sequence[Any]) -> tuple:
+    """Sort key for rows that may hold None (None sorts last, never compared to a value)."""
+    return tuple((v is None, 0 if v is None else v) for v in row)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _is_blank(value: Optional[str]) -> bool:
+    return value is None or not value.strip()
+
+
+class _SplitImagesFn(beam.DoFn):
+    """Metadata row -> (subject_id, image) for frontal images with a valid timestamp.
+
+    Non-frontal images go to the `dropped` output as a reason; an unparsable StudyDate or
+    StudyTime to the dead-letter output.
+    """
+
+    def __init__(self, views: tuple[str, ...]) -> None:
+        self._views = frozenset(views)
+        cols = columns("metadata")
+        self._idx = tuple(
+            cols.index(c)
+            for c in ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate",
+                      "StudyTime")
+        )
+        self._not_frontal = Metrics.counter(METRICS_NAMESPACE, records.DROP_NOT_FRONTAL)
+        self._bad_time = Metrics.counter(METRICS_NAMESPACE, records.FAIL_BAD_TIMESTAMP)
+
+    def process(self, row: tuple) -> Iterator[Any]:
+        dicom_id, subject_id, study_id, view, date, time = (row[i] for i in self._idx)
+        view = (view or "").strip().upper()
+        if view not in self._views:
+            self._not_frontal.inc()
+            yield beam.pvalue.TaggedOutput(records.DROPPED_TAG, records.DROP_NOT_FRONTAL)
+            return
+        try:
+            when = parse_study_datetime(date, time)
+        except ValueError as err:
+            self._bad_time.inc()
+            yield beam.pvalue.TaggedOutput(
+                records.DEAD_LETTER_TAG,
+                records.DeadLetter(
+                    dicom_id, subject_id, study_id, STAGE, records.FAIL_BAD_TIMESTAMP,
+                    f"StudyDate={_short(date)} StudyTime={_short(time)}: {err}",
+                ),
+            )
+            return
+        yield subject_id, (dicom_id, study_id, view, when.isoformat(timespec="microseconds"))
+
+
+class _KeyBySubjectFn(beam.DoFn):
+    """Table row -> (subject_id, the join columns) for subjects that have a frontal image."""
+
+    def __init__(self, name: str) -> None:
+        cols = columns(name)
+        self._subject = cols.index("subject_id")
+        self._keep = tuple(cols.index(c) for c in _JOIN_COLUMNS[name])
+
+    def process(self, row: tuple, subjects: frozenset) -> Iterator[tuple[int, tuple]]:
+        subject_id = row[self._subject]
+        if subject_id in subjects:
+            yield subject_id, tuple(row[i] for i in self._keep)
+
+
+class _LinkSubjectFn(beam.DoFn):
+    """One subject's joined rows -> a CohortRecord per image linked to a stay.
+
+    Images that link to no stay (or, with aggressive filtering, lack triage or a chief
+    complaint) go to the `dropped` output as a reason.
+    """
+
+    def __init__(self, aggressive_filtering: bool, image_root: str) -> None:
+        self._aggressive = aggressive_filtering
+        self._image_root = image_root
+        self._counters = {
+            name: Metrics.counter(METRICS_NAMESPACE, name)
+            for name in (
+                records.DROP_NO_ED_STAY, records.DROP_NO_TRIAGE,
+                records.DROP_NO_CHIEF_COMPLAINT, RECORDS_COUNTER, "edstays_bad_time",
+                "vitalsign_bad_charttime", "medrecon_bad_charttime",
+                "admissions_bad_dischtime",
+            )
+        }
+
+    def _count(self, name: str, n: int = 1) -> None:
+        if n:
+            self._counters[name].inc(n)
+
+    def _timed(self, rows: Iterable[tuple], pos: int, counter: str) -> list:
+        """(parsed time, row) for rows whose column `pos` parses, sorted; counts the rest."""
+        timed, bad = [], 0
+        for row in rows:
+            when = parse_table_datetime(row[pos])
+            if when is None:
+                bad += 1
+            else:
+                timed.append((when, row))
+        self._count(counter, bad)
+        timed.sort(key=lambda item: (item[0], _order_key(item[1])))
+        return timed
+
+    def _stays(self, rows: Iterable[tuple]) -> list[EdStay]:
+        stays, bad = [], 0
+        for stay_id, hadm_id, intime, outtime, *rest in rows:
+            start, end = parse_table_datetime(intime), parse_table_datetime(outtime)
+            if start is None or end is None:
+                bad += 1
+                continue
+            stays.append(EdStay(stay_id, hadm_id, start, end, (intime, outtime, *rest)))
+        self._count("edstays_bad_time", bad)
+        return stays
+
+    def process(self, element: tuple[int, dict[str, Iterable[tuple]]]) -> Iterator[Any]:
+        subject_id, groups = element
+        images = sorted(groups["images"], key=_order_key)
+        if not images:
+            return
+        stays = self._stays(groups["edstays"])
+        patient_rows = sorted(groups["patients"], key=_order_key)
+        patient = dict(zip(PATIENT_FIELDS, patient_rows[0])) if patient_rows else None
+        discharges = [when for when, _ in self._timed(
+            groups["admissions"], 0, "admissions_bad_dischtime")]
+        by_stay: dict[str, dict[int, list]] = {"triage": {}, "vitalsign": {}, "medrecon": {}}
+        for row in sorted(groups["triage"], key=_order_key):
+            by_stay["triage"].setdefault(row[0], []).append(row)
+        for name in ("vitalsign", "medrecon"):
+            for when, row in self._timed(groups[name], 1, f"{name}_bad_charttime"):
+                by_stay[name].setdefault(row[0], []).append((when, row))
+        labels: dict[int, tuple[float, ...]] = {}
+        for row in sorted(groups["chexpert"], key=repr):
+            labels.setdefault(row[0], tuple(row[1:]))
+
+        for dicom_id, study_id, view, when_iso in images:
+            when = dt.datetime.fromisoformat(when_iso)
+            stay = pick_stay(when, stays)
+            if stay is None:
+                yield self._drop(records.DROP_NO_ED_STAY)
+                continue
+            triage_rows = by_stay["triage"].get(stay.stay_id)
+            triage = dict(zip(TRIAGE_FIELDS, triage_rows[0][1:])) if triage_rows else None
+            if self._aggressive:
+                if triage is None:
+                    yield self._drop(records.DROP_NO_TRIAGE)
+                    continue
+                if _is_blank(triage["chiefcomplaint"]):
+                    yield self._drop(records.DROP_NO_CHIEF_COMPLAINT)
+                    continue
+            vitals = tuple(
+                dict(zip(VITAL_FIELDS, row[1:]))
+                for charted, row in by_stay["vitalsign"].get(stay.stay_id, ())
+                if charted <= when
+            )
+            medications = tuple(sorted({
+                row[2]
+                for charted, row in by_stay["medrecon"].get(stay.stay_id, ())
+                if charted <= when and not _is_blank(row[2])
+            }))
+            self._count(RECORDS_COUNTER)
+            yield records.CohortRecord(
+                record_id=dicom_id,
+                subject_id=subject_id,
+                study_id=study_id,
+                stay_id=stay.stay_id,
+                hadm_id=stay.hadm_id,
+                view_position=view,
+                study_datetime=when_iso,
+                image_path=fileio.join(
+                    self._image_root, schema.image_relpath(subject_id, study_id, dicom_id)
+                ),
+                patient=dict(patient) if patient is not None else None,
+                stay=dict(zip(STAY_FIELDS, stay.fields)),
+                triage=triage,
+                vitals=vitals,
+                medications=medications,
+                prior_admissions=sum(1 for discharged in discharges if discharged < when),
+                labels=labels.get(study_id, _MISSING_LABELS),
+            )
+
+    def _drop(self, reason: str) -> beam.pvalue.TaggedOutput:
+        self._count(reason)
+        return beam.pvalue.TaggedOutput(records.DROPPED_TAG, reason)
+
+
+class JoinCohort(beam.PTransform):
+    """Links each frontal CXR image to its ED stay and what was known at the study time.
+
+    Input: the dict of table PCollections from `ReadTables` (keys: JOIN_TABLES; rows as
+    tables.columns(name) tuples).
+    Output: a dict of PCollections:
+        "records" (RECORDS_TAG): records.CohortRecord, one per linked frontal image.
+        "dropped" (records.DROPPED_TAG): one reason string per image that is not a record:
+            records.DROP_NOT_FRONTAL, DROP_NO_ED_STAY, and with aggressive_filtering
+            DROP_NO_TRIAGE, DROP_NO_CHIEF_COMPLAINT.
+        "dead_letter" (records.DEAD_LETTER_TAG): records.DeadLetter, stage "join", reason
+            records.FAIL_BAD_TIMESTAMP for an unparsable StudyDate/StudyTime.
+    Every metadata row ends in exactly one of the three. Beam counters in namespace
+    "cohort" count each reason, the records, and table rows whose time does not parse.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_root: str,
+        views: Sequence[str] = ("AP", "PA"),
+        aggressive_filtering: bool = False,
+    ) -> None:
+        super().__init__()
+        self._views = tuple(v.strip().upper() for v in views if v.strip())
+        if not self._views:
+            raise InputError(f"views must name at least one ViewPosition, got {views!r}")
+        if not image_root:
+            raise InputError("image_root must be a directory or gs:// URI, got nothing")
+        self._image_root = image_root.rstrip("/")
+        self._aggressive = aggressive_filtering
+
+    def expand(self, tables: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        missing = [name for name in JOIN_TABLES if name not in tables]
+        if missing:
+            raise InputError(f"JoinCohort needs the tables {missing}")
+        split = tables["metadata"] | "SplitImages" >> beam.ParDo(
+            _SplitImagesFn(self._views)
+        ).with_outputs(records.DROPPED_TAG, records.DEAD_LETTER_TAG, main="images")
+        images = split.images
+        subjects = beam.pvalue.AsSingleton(
+            images
+            | "ImageSubjects" >> beam.Keys()
+            | "SubjectSet" >> beam.CombineGlobally(_ToFrozenSet())
+        )
+        keyed = {"images": images}
+        for name in _JOIN_COLUMNS:
+            keyed[name] = tables[name] | f"Key_{name}" >> beam.ParDo(
+                _KeyBySubjectFn(name), subjects=subjects
+            )
+        linked = (
+            keyed
+            | "GroupBySubject" >> beam.CoGroupByKey()
+            | "LinkStays" >> beam.ParDo(
+                _LinkSubjectFn(self._aggressive, self._image_root)
+            ).with_outputs(records.DROPPED_TAG, main=RECORDS_TAG)
+        )
+        dropped = (
+            split[records.DROPPED_TAG],
+            linked[records.DROPPED_TAG],
+        ) | "AllDropped" >> beam.Flatten()
+        return {
+            RECORDS_TAG: linked[RECORDS_TAG],
+            records.DROPPED_TAG: dropped,
+            records.DEAD_LETTER_TAG: split[records.DEAD_LETTER_TAG],
+        }
+
+
+class _ToFrozenSet(beam.CombineFn):
+    """The distinct subject ids as one small frozenset (a side input for the filters)."""
+
+    def create_accumulator(self) -> set:
+        return set()
+
+    def add_input(self, accumulator: set, subject_id: int) -> set:
+        accumulator.add(subject_id)
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Iterable[set]) -> set:
+        merged = set()
+        for accumulator in accumulators:
+            merged |= accumulator
+        return merged
+
+    def extract_output(self, accumulator: set) -> frozenset:
+        return frozenset(accumulator)
