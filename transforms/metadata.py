@@ -1,0 +1,399 @@
+"""The output's manifest and its commit: failed/, stratification_indices.json, metadata.json.
+
+`WriteMetadata` runs once every chunk is written (it waits on the list of all `ChunkInfo`s)
+and publishes, in order: the dead letters under `failed/`, `stratification_indices.json`, and
+`metadata.json` last, whose presence marks the output complete. It then removes the run's
+temporary files. Every input it reads is small (chunk entries, counts, refs); the manifest is a
+pure function of them (sorted keys, no timestamps), so it is byte-identical across runs.
+
+`check_output_dir` runs before the pipeline: it refuses to replace a complete output without
+--overwrite and clears what a crashed or replaced run left.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import platform
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
+from apache_beam.io.filesystems import FileSystems
+
+from transforms import fileio, schema
+from transforms.chunks.format import FORMAT_VERSION
+from transforms.errors import InputError
+from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
+from transforms.spill import TMP_DIR, SpillRef, tmp_dir
+from transforms.splits import (
+    INDICES_NAME,
+    SPLITS,
+    STRATIFICATION_KEYS,
+    SplitAssignment,
+    indices_bytes,
+)
+
+METADATA_NAME = "metadata.json"
+FAILED_DIR = "failed"
+FAILED_NAME = "failed-00000-of-00001.jsonl"
+PROJECT_DISTRIBUTION = "mimic-multimodal-beam"
+LABEL_CLASSES: tuple[str, ...] = ("positive", "negative", "uncertain", "missing")
+_LABEL_VALUES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
+# What a run writes under the output dir, and so what a new run may clear. The indices file
+# is left: it may be the --stratification_indices being reused, and is replaced at commit.
+_RUN_DIRS: tuple[str, ...] = (*SPLITS, FAILED_DIR, TMP_DIR)
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkInfo:
+    """One written chunk, as metadata.json lists it."""
+
+    path: str  # relative to the output dir, e.g. "train/train-00000-of-00003.pt"
+    split: str
+    index: int
+    records: int
+    bytes: int
+    sha256: str
+
+
+def _delete_tree(path: str) -> None:
+    """Deletes a directory (local) or every object under a prefix (gs://), if any."""
+    if path.startswith("gs://"):
+        if fileio.list_files(path.rstrip("/") + "/**"):
+            FileSystems.delete([path.rstrip("/") + "/"])
+    else:
+        fileio.delete([path])
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Makes `output_dir` ready for a run, before any work.
+
+    A complete output (metadata.json present) stops the run unless `overwrite`; with it, or
+    for an incomplete output (what a crashed run left), metadata.json goes first (so a crash
+    while clearing leaves an output that reads as incomplete), then train/, val/, test/,
+    failed/ and _tmp/. Other files in the directory are not touched.
+
+    Raises:
+        InputError: a complete output is there and `overwrite` is False.
+    """
+    metadata = fileio.join(output_dir, METADATA_NAME)
+    if fileio.exists(metadata):
+        if not overwrite:
+            raise InputError(
+                f"{output_dir} already holds a complete output ({METADATA_NAME} is there); "
+                "pass --overwrite to replace it"
+            )
+        _LOG.info("Replacing the complete output in %s (--overwrite)", output_dir)
+        fileio.delete([metadata])
+    for name in _RUN_DIRS:
+        _delete_tree(fileio.join(output_dir, name))
+
+
+def _label_class(value: float) -> str:
+    if math.isnan(value):
+        return "missing"
+    return _LABEL_VALUES.get(value, "other")
+
+
+class _SplitStatsFn(beam.CombineFn):
+    """Per split: records, patients, records per stratum and per key, label classes."""
+
+    def create_accumulator(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    @staticmethod
+    def _tally(acc: dict, split: str) -> dict:
+        if split not in acc:
+            acc[split] = {
+                "records": 0,
+                "patients": set(),
+                "strata": collections.Counter(),
+                "labels": [collections.Counter() for _ in schema.CHEXPERT_LABELS],
+            }
+        return acc[split]
+
+    def add_input(self, acc: dict, element: tuple[str, SpillRef]) -> dict:
+        split, ref = element
+        tally = self._tally(acc, split)
+        tally["records"] += 1
+        tally["patients"].add(ref.subject_id)
+        tally["strata"][ref.stratum] += 1
+        if len(ref.labels) != len(schema.CHEXPERT_LABELS):
+            raise ValueError(f"record {ref.record_id} has {len(ref.labels)} labels, not 14")
+        for counter, value in zip(tally["labels"], ref.labels):
+            counter[_label_class(value)] += 1
+        return acc
+
+    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
+        merged: dict = {}
+        for acc in accumulators:
+            for split, other in acc.items():
+                tally = self._tally(merged, split)
+                tally["records"] += other["records"]
+                tally["patients"] |= other["patients"]
+                tally["strata"].update(other["strata"])
+                for counter, counts in zip(tally["labels"], other["labels"]):
+                    counter.update(counts)
+        return merged
+
+    def extract_output(self, acc: dict) -> dict[str, dict]:
+        return {split: split_summary(acc.get(split)) for split in SPLITS}
+
+
+def split_summary(tally: Optional[dict]) -> dict:
+    """The metadata.json entry of one split from its tally (None: an empty split)."""
+    if tally is None:
+        tally = {"records": 0, "patients": set(), "strata": {}, "labels": [{}] * 14}
+    keys: dict[str, collections.Counter] = {key: collections.Counter() for key in
+                                            STRATIFICATION_KEYS}
+    for stratum, n in tally["strata"].items():
+        for key, value in zip(STRATIFICATION_KEYS, stratum.split("|")):
+            keys[key][value] += n
+    labels = {}
+    for name, counts in zip(schema.CHEXPERT_LABELS, tally["labels"]):
+        labels[name] = {cls: counts.get(cls, 0) for cls in LABEL_CLASSES}
+        if counts.get("other"):
+            labels[name]["other"] = counts["other"]
+    return {
+        "records": tally["records"],
+        "patients": len(tally["patients"]),
+        "strata": dict(sorted(tally["strata"].items())),
+        "stratification_keys": {k: dict(sorted(c.items())) for k, c in keys.items()},
+        "labels": labels,
+    }
+
+
+def versions() -> dict[str, str]:
+    """The versions that shape the bytes of the output."""
+    import torch
+
+    try:
+        project = importlib.metadata.version(PROJECT_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        project = "not installed"
+    return {
+        "python": platform.python_version(),
+        "apache_beam": beam.__version__,
+        "torch": torch.__version__,
+        PROJECT_DISTRIBUTION: project,
+    }
+
+
+def _reason_counts(known: Sequence[str], counts: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Counts by reason, the known reasons listed even at zero."""
+    result = dict.fromkeys(known, 0)
+    for reason, n in counts:
+        result[reason] = result.get(reason, 0) + int(n)
+    return dict(sorted(result.items()))
+
+
+def check_chunks(chunks: Sequence[ChunkInfo], stats: Mapping[str, dict]) -> None:
+    """Checks the chunk list is whole before it is published.
+
+    Raises:
+        ValueError: a chunk of an unknown split, a split's chunk indices are not 0..n-1, or
+            its chunks do not hold the records its refs counted.
+    """
+    unknown = sorted({c.split for c in chunks} - set(SPLITS))
+    if unknown:
+        raise ValueError(f"chunks of unknown splits {unknown}")
+    for split in SPLITS:
+        mine = sorted((c for c in chunks if c.split == split), key=lambda c: c.index)
+        if [c.index for c in mine] != list(range(len(mine))):
+            raise ValueError(f"the {split} chunks are not 0..{len(mine) - 1}")
+        held = sum(c.records for c in mine)
+        if held != stats[split]["records"]:
+            raise ValueError(f"the {split} chunks hold {held} records, not "
+                             f"{stats[split]['records']}")
+
+
+def build_metadata(
+    *,
+    chunks: Sequence[ChunkInfo],
+    stats: Mapping[str, dict],
+    failed: Iterable[tuple[str, int]],
+    dropped: Iterable[tuple[str, int]],
+    assignment: SplitAssignment,
+    config: Mapping[str, Any],
+    image_size: int,
+    feature_names: Sequence[str],
+    label_names: Sequence[str] = schema.CHEXPERT_LABELS,
+) -> dict:
+    """The metadata.json document: a function of its arguments and the installed versions.
+
+    Args:
+        chunks: every written chunk.
+        stats: `_SplitStatsFn` output: per split records, patients, strata and labels.
+        failed: (reason, count) of the dead letters.
+        dropped: (reason, count) of the images that are not records.
+        assignment: the split of every cohort patient.
+        config: the run's configuration (JSON-serialisable).
+        image_size: side of the stored square images.
+        feature_names: names of clinical_data's columns.
+        label_names: names of the 14 labels.
+    """
+    check_chunks(chunks, stats)
+    ordered = sorted(chunks, key=lambda c: (SPLITS.index(c.split), c.index))
+    patients = collections.Counter(assignment.splits.values())
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        **{f"n_{split}": stats[split]["records"] for split in SPLITS},
+        "total_records": sum(stats[split]["records"] for split in SPLITS),
+        "image_size": int(image_size),
+        "feature_names": list(feature_names),
+        "label_names": list(label_names),
+        "chunks": [dataclasses.asdict(c) for c in ordered],
+        "config": dict(config),
+        "versions": versions(),
+        "dropped": _reason_counts(DROP_REASONS, dropped),
+        "failed": _reason_counts(FAIL_REASONS, failed),
+        "splits": {split: stats[split] for split in SPLITS},
+        "stratification": {
+            "keys": list(STRATIFICATION_KEYS),
+            "seed": assignment.seed,
+            "ratios": dict(zip(SPLITS, assignment.ratios)),
+            "reused_indices": assignment.reused,
+            "patients": {split: patients.get(split, 0) for split in SPLITS},
+            "indices": INDICES_NAME,
+        },
+    }
+    if assignment.reused:
+        meta["patients_not_in_indices"] = assignment.patients_not_in_indices
+    return meta
+
+
+def metadata_bytes(meta: Mapping[str, Any]) -> bytes:
+    return (json.dumps(meta, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
+
+
+def failed_bytes(dead_letters: Iterable[DeadLetter]) -> bytes:
+    """failed/ as JSON lines (`DeadLetter.to_json`), sorted by record id, then stage, reason
+    and the rest, so the file is deterministic."""
+    lines = sorted((d.record_id, d.stage, d.reason, d.to_json()) for d in dead_letters)
+    return "".join(line + "\n" for *_, line in lines).encode()
+
+
+def _split_of_ref(ref: SpillRef, assignment: SplitAssignment) -> tuple[str, SpillRef]:
+    return assignment.split_of(ref.subject_id), ref
+
+
+class _CommitFn(beam.DoFn):
+    """Publishes failed/, the indices and metadata.json (last), then drops the temporaries."""
+
+    def __init__(self, output_dir: str, settings: dict) -> None:
+        self._output_dir = output_dir
+        self._settings = settings
+
+    def process(
+        self,
+        chunks: list[ChunkInfo],
+        stats: dict,
+        dead: list[DeadLetter],
+        dropped: list[tuple[str, int]],
+        assignment: SplitAssignment,
+    ) -> Iterable[dict]:
+        meta = build_metadata(
+            chunks=chunks,
+            stats=stats,
+            failed=collections.Counter(d.reason for d in dead).items(),
+            dropped=dropped,
+            assignment=assignment,
+            **self._settings,
+        )
+        out = self._output_dir
+        fileio.write_bytes(fileio.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
+        fileio.write_bytes(fileio.join(out, INDICES_NAME), indices_bytes(assignment))
+        # Temporary names of writes that a retried bundle abandoned.
+        leftovers = [
+            path
+            for split in SPLITS
+            for path in fileio.list_files(fileio.join(out, split, "*.tmp-*"))
+        ]
+        fileio.delete(leftovers)
+        fileio.write_bytes(fileio.join(out, METADATA_NAME), metadata_bytes(meta))
+        try:
+            _delete_tree(tmp_dir(out))
+        except (OSError, BeamIOError) as err:
+            # The output is complete; leftovers only cost space, and a re-run clears them.
+            _LOG.warning("Could not remove %s: %s", tmp_dir(out), type(err).__name__)
+        yield meta
+
+
+class WriteMetadata(beam.PTransform):
+    """Commits the output: failed/, stratification_indices.json, then metadata.json.
+
+    Input: a dict of PCollections:
+        "chunks": `ChunkInfo` of every chunk (`WriteChunks`' output).
+        "refs": `SpillRef` of every record written (`SpillSamples`' output).
+        "assignment": the one-element `SplitAssignment` PCollection (`SplitPatients`).
+        "dead_letters": `records.DeadLetter` of every stage, flattened.
+        "dropped": the reason string of every image that is not a record (`JoinCohort`).
+    Output: the metadata.json document (one dict), once it is written.
+
+    Args:
+        output_dir: local dir or gs:// URI of the dataset.
+        config: the configuration recorded in metadata.json (JSON-serialisable).
+        image_size: side of the stored square images.
+        feature_names: names of clinical_data's columns (default features.FEATURE_NAMES).
+        label_names: names of the labels (default schema.CHEXPERT_LABELS).
+    """
+
+    INPUTS = ("chunks", "refs", "assignment", "dead_letters", "dropped")
+
+    def __init__(
+        self,
+        output_dir: str,
+        config: Mapping[str, Any],
+        *,
+        image_size: int,
+        feature_names: Optional[Sequence[str]] = None,
+        label_names: Sequence[str] = schema.CHEXPERT_LABELS,
+    ) -> None:
+        super().__init__()
+        if feature_names is None:
+            from transforms.features import FEATURE_NAMES
+
+            feature_names = FEATURE_NAMES
+        json.dumps(dict(config), allow_nan=False)  # fail now, not after the chunks
+        self._output_dir = output_dir.rstrip("/")
+        self._settings = {
+            "config": dict(config),
+            "image_size": int(image_size),
+            "feature_names": list(feature_names),
+            "label_names": list(label_names),
+        }
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
+        missing = [name for name in self.INPUTS if name not in inputs]
+        if missing:
+            raise ValueError(f"WriteMetadata needs the inputs {missing}")
+        assignment = beam.pvalue.AsSingleton(inputs["assignment"])
+        stats = (
+            inputs["refs"]
+            | "SplitOfRef" >> beam.Map(_split_of_ref, assignment)
+            | "SplitStats" >> beam.CombineGlobally(_SplitStatsFn())
+        )
+        dead = inputs["dead_letters"] | "AllDeadLetters" >> beam.combiners.ToList()
+        dropped = (
+            inputs["dropped"]
+            | "CountDropped" >> beam.combiners.Count.PerElement()
+            | "AllDropped" >> beam.combiners.ToList()
+        )
+        return (
+            inputs["chunks"]
+            | "AllChunks" >> beam.combiners.ToList()
+            | "Commit" >> beam.ParDo(
+                _CommitFn(self._output_dir, self._settings),
+                beam.pvalue.AsSingleton(stats),
+                beam.pvalue.AsSingleton(dead),
+                beam.pvalue.AsSingleton(dropped),
+                assignment,
+            )
+        )
