@@ -10,6 +10,7 @@ demo). `--help` lists every flag.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -25,7 +26,17 @@ from apache_beam.options.pipeline_options import (
 
 from pipelines.options import DatasetConfig, DatasetOptions, config_from_options
 from transforms import fileio, schema
+from transforms.cohort import RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
+from transforms.images import MAIN_TAG as IMAGES_TAG
+from transforms.images import PreprocessImages
+from transforms.notes import NOTES_TAG, BuildNotes, check_text_config
+from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, sample_from
+from transforms.splits import INDICES_NAME, SplitAssignment, SplitPatients, WriteIndices
+from transforms.splits import read_indices
+from transforms.subset import LimitPatients
+from transforms.tables import ReadTables, check_tables
+from transforms.write_chunks import SpillSamples, WriteChunks, WriteMetadata, check_output_dir
 
 SYNTHETIC_DIR_SUFFIX = "_synthetic_mimic"
 
@@ -38,44 +49,168 @@ def input_roots(cfg: DatasetConfig) -> dict[str, str]:
     }
 
 
-def build_pipeline(p: beam.Pipeline, cfg: DatasetConfig) -> None:
-    """Adds every stage of Phase 1 to `p` (inputs must already pass check_tables)."""
-    from transforms.cohort import JoinCohort
-    from transforms.images import PreprocessImages
-    from transforms.notes import BuildNotes
-    from transforms.records import sample_from
-    from transforms.splits import SplitPatients
-    from transforms.tables import ReadTables
-    from transforms.write_chunks import SpillSamples, WriteChunks, WriteMetadata
+def build_pipeline(
+    p: beam.Pipeline, cfg: DatasetConfig, indices: Optional[SplitAssignment] = None
+) -> None:
+    """Adds every stage of Phase 1 to `p`. Inputs must already have passed check_tables.
 
-    tables = p | "ReadTables" >> ReadTables(input_roots(cfg))
+    Only small metadata crosses the join's shuffle and the split's side input; text and
+    images are produced and spilled on one fused path, so memory is bounded by a bundle.
+    """
+    tables = p | "ReadTables" >> ReadTables(
+        input_roots(cfg), user_project=cfg.requester_pays_project
+    )
     cohort = tables | "JoinCohort" >> JoinCohort(
+        image_root=cfg.cxr_image_root or cfg.mimic_cxr_dir,
         views=cfg.views,
         aggressive_filtering=cfg.aggressive_filtering,
-        image_root=cfg.cxr_image_root or cfg.mimic_cxr_dir,
     )
-    raise NotImplementedError  # wired once the stages land
+    records = cohort[RECORDS_TAG]
+    if cfg.limit:
+        records = records | "LimitPatients" >> LimitPatients(cfg.limit, cfg.seed)
+    assignment = records | "SplitPatients" >> SplitPatients(cfg.ratios, cfg.seed, indices)
+    if cfg.compute_indices_only:
+        assignment | "WriteIndices" >> WriteIndices(fileio.join(cfg.output_dir, INDICES_NAME))
+        return
+
+    notes = (
+        records
+        | "StartSamples" >> beam.Map(sample_from)
+        | "BuildNotes" >> BuildNotes(
+            embedding_model=cfg.embedding_model,
+            knowledge_base=cfg.knowledge_base,
+            tokenizer=cfg.tokenizer,
+            max_text_length=cfg.max_text_length,
+            top_k=cfg.retrieval_top_k,
+        )
+    )
+    images = notes[NOTES_TAG] | "PreprocessImages" >> PreprocessImages(
+        image_size=cfg.image_size,
+        clahe=cfg.clahe_clip_limit > 0,
+        clip_limit=cfg.clahe_clip_limit or 2.0,
+        tile_grid=cfg.clahe_tile_grid,
+        requester_pays_project=cfg.requester_pays_project,
+    )
+    refs = images[IMAGES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
+    chunks = (refs, assignment) | "WriteChunks" >> WriteChunks(
+        cfg.output_dir, cfg.chunk_size, cfg.seed
+    )
+    dead_letters = (
+        cohort[DEAD_LETTER_TAG], notes[DEAD_LETTER_TAG], images[DEAD_LETTER_TAG]
+    ) | "FlattenDeadLetters" >> beam.Flatten()
+    _ = {
+        "chunks": chunks,
+        "refs": refs,
+        "assignment": assignment,
+        "dead_letters": dead_letters,
+        "dropped": cohort[DROPPED_TAG],
+    } | "WriteMetadata" >> WriteMetadata(
+        cfg.output_dir, cfg.summary(), image_size=cfg.image_size
+    )
 
 
 def _runner_defaults(options: PipelineOptions) -> None:
-    """Local runs default to the DirectRunner with two worker threads (OpenCV and torch
-    release the GIL, so threads beat processes for image work and share one model)."""
+    """Local runs default to the DirectRunner with two worker threads: OpenCV and torch
+    release the GIL, so threads beat processes for image work, and they share one model.
+    Flags the user gave explicitly are kept."""
     standard = options.view_as(StandardOptions)
     if standard.runner is None:
         standard.runner = "DirectRunner"
+    if not _is_local(options):
+        return
+    given = options.get_all_options(drop_default=True)
     direct = options.view_as(DirectOptions)
-    if standard.runner in ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner"):
-        if direct.direct_running_mode == "in_memory" and "--direct_running_mode" not in str(
-            options.get_all_options(drop_default=True)
-        ):
-            direct.direct_running_mode = "multi_threading"
-        if direct.direct_num_workers == 1:
-            direct.direct_num_workers = 2
+    if "direct_running_mode" not in given:
+        direct.direct_running_mode = "multi_threading"
+    if "direct_num_workers" not in given:
+        direct.direct_num_workers = 2
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Runs the pipeline; returns the summary of metadata.json. Raises InputError early."""
-    raise NotImplementedError
+def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
+    """The demo: generates MIMIC-shaped data beside the output (once; reused when present)."""
+    from pipelines.synthetic_mimic import generate
+
+    folder = cfg.output_dir + SYNTHETIC_DIR_SUFFIX
+    stamp = fileio.join(folder, "generated.json")
+    params = {
+        "n_patients": cfg.synthetic_patients,
+        "seed": cfg.seed,
+        "image_height": cfg.synthetic_image_height,
+        "image_width": cfg.synthetic_image_width,
+        "faults": 1,
+    }
+    data = None
+    if fileio.exists(stamp):
+        saved = json.loads(fileio.read_bytes(stamp))
+        if saved.get("params") == params:
+            data = saved["roots"]
+    if data is None:
+        logging.info("generating synthetic MIMIC data (%d patients) in %s",
+                     cfg.synthetic_patients, folder)
+        generated = generate(folder, **params)
+        data = {
+            "mimic_iv_dir": generated.mimic_iv_dir,
+            "mimic_ed_dir": generated.mimic_ed_dir,
+            "mimic_cxr_dir": generated.mimic_cxr_dir,
+        }
+        fileio.write_bytes(stamp, json.dumps({"params": params, "roots": data}).encode())
+    return dataclasses.replace(cfg, **data)
+
+
+def _is_local(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner or ""
+    return runner in ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    """Runs Phase 1. Returns metadata.json's content once a local run completes (None for a
+    submitted remote job). Raises InputError, before any work, on bad flags or inputs."""
+    options = PipelineOptions(argv)
+    cfg = config_from_options(options)
+    _runner_defaults(options)
+    if cfg.synthetic:
+        cfg = _synthetic_inputs(cfg)
+    roots = input_roots(cfg)
+    check_tables(roots, user_project=cfg.requester_pays_project)
+    indices = None
+    if not cfg.compute_indices_only:
+        check_text_config(cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer,
+                          cfg.max_text_length, cfg.retrieval_top_k)
+        if cfg.stratification_indices:
+            indices = read_indices(cfg.stratification_indices)
+        check_output_dir(cfg.output_dir, cfg.overwrite)
+
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, cfg, indices)
+    result = pipeline.run()
+    if not _is_local(options):
+        logging.info("submitted the pipeline to %s", options.view_as(StandardOptions).runner)
+        return None
+    result.wait_until_finish()
+    elapsed = time.monotonic() - started
+    if cfg.compute_indices_only:
+        print(f"wrote {fileio.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
+        return None
+    metadata = json.loads(fileio.read_bytes(fileio.join(cfg.output_dir, "metadata.json")))
+    print(summary_text(metadata, cfg.output_dir, elapsed))
+    return metadata
+
+
+def summary_text(metadata: dict, output_dir: str, elapsed: float) -> str:
+    """The short summary printed at the end of a local run (counts only, no patient data)."""
+    total = metadata["total_records"]
+    lines = [
+        f"wrote {total} records to {output_dir} in {elapsed:.1f} s "
+        f"({total / max(elapsed, 1e-9):.1f} records/s)",
+        f"  train {metadata['n_train']}, val {metadata['n_val']}, test {metadata['n_test']}; "
+        f"{len(metadata['chunks'])} chunks",
+        "  not records: " + (", ".join(
+            f"{reason} {n}" for reason, n in sorted(metadata["dropped"].items()) if n) or "none"),
+        "  failed: " + (", ".join(
+            f"{reason} {n}" for reason, n in sorted(metadata["failed"].items()) if n) or "none"),
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -143,8 +143,15 @@ class DatasetConfig:
         return not (self.mimic_iv_dir or self.mimic_ed_dir or self.mimic_cxr_dir)
 
     def summary(self) -> dict:
-        """The configuration as recorded in metadata.json (everything that shapes the output)."""
-        return dataclasses.asdict(self)
+        """The configuration recorded in metadata.json: everything that shapes the output.
+
+        Where the output goes (`output_dir`) and whether it replaced an old one (`overwrite`)
+        do not shape it, so the same inputs give the same bytes wherever they are written.
+        """
+        recorded = dataclasses.asdict(self)
+        for location_only in ("output_dir", "overwrite"):
+            recorded.pop(location_only)
+        return recorded
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import gzip
 import io
 import posixpath
+import threading
 import uuid
-from typing import Iterable
+from typing import Iterable, Optional
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -27,10 +28,51 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
 
-def read_bytes(path: str) -> bytes:
-    """Reads a whole file as stored (no decompression)."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return handle.read()
+def read_bytes(path: str, user_project: Optional[str] = None) -> bytes:
+    """Reads a whole file as stored (no decompression).
+
+    Args:
+        path: local path or gs:// URI.
+        user_project: GCP project billed for a gs:// read (requester-pays buckets, such as
+            PhysioNet's). Beam 2.77's GCS filesystem has no way to bill a user project (its
+            `GcsIO` calls `client.bucket(name)` without one), so such reads go through
+            google-cloud-storage directly. Ignored for local paths.
+
+    Raises:
+        FileNotFoundError: the file or object does not exist (local or gs://).
+    """
+    from google.api_core import exceptions as gcs_errors  # only with apache-beam[gcp]
+
+    try:
+        if user_project and path.startswith("gs://"):
+            return _requester_pays_blob(path, user_project).download_as_bytes()
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            return handle.read()
+    except gcs_errors.NotFound as exc:
+        raise FileNotFoundError(f"no such object: {path}") from exc
+
+
+_THREAD_CLIENTS = threading.local()
+
+
+def _requester_pays_blob(path: str, user_project: str):
+    """The blob at a gs:// `path`, on a bucket handle that bills `user_project`.
+
+    One client per thread and project: building one costs a credentials lookup, and clients
+    are not documented as thread-safe. The client honours STORAGE_EMULATOR_HOST.
+    """
+    from google.cloud import storage
+
+    clients = getattr(_THREAD_CLIENTS, "clients", None)
+    if clients is None:
+        clients = _THREAD_CLIENTS.clients = {}
+    client = clients.get(user_project)
+    if client is None:
+        client = clients[user_project] = storage.Client(project=user_project)
+    bucket_name, _, blob_name = path[len("gs://") :].partition("/")
+    if not bucket_name or not blob_name:
+        raise ValueError(f"not a gs://bucket/object path: {path}")
+    return client.bucket(bucket_name, user_project=user_project).blob(blob_name)
 
 
 def open_text_gz(path: str) -> io.TextIOBase:
