@@ -157,6 +157,22 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
     return dataclasses.replace(cfg, **data)
 
 
+def help_text() -> str:
+    """Every flag of the pipeline with its default, then where Beam's runner flags are."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.build_dataset",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Beam's own flags also apply, e.g. --runner (default DirectRunner, with "
+        "--direct_running_mode multi_threading --direct_num_workers 2), --project, "
+        "--region, --temp_location, --setup_file (see run_dataflow.sh).",
+    )
+    DatasetOptions._add_argparse_args(parser)
+    return parser.format_help()
+
+
 def _is_local(options: PipelineOptions) -> bool:
     runner = options.view_as(StandardOptions).runner or ""
     return runner in ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
@@ -165,6 +181,10 @@ def _is_local(options: PipelineOptions) -> bool:
 def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Runs Phase 1. Returns metadata.json's content once a local run completes (None for a
     submitted remote job). Raises InputError, before any work, on bad flags or inputs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return None
     options = PipelineOptions(argv)
     cfg = config_from_options(options)
     _runner_defaults(options)

