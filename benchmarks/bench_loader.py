@@ -1,0 +1,262 @@
+"""Benchmark of ChunkedDataset on local chunks: throughput, first batch, peak memory.
+
+Writes chunks of 50 records with 518 x 518 images (smooth anatomy-like content plus noise) and
+texts of 300-800 tokens to a temporary directory, then measures, each configuration in a fresh
+subprocess so that peak memory is its own:
+
+- records/s through a DataLoader (float32 [3, 518, 518] images, collate_records batches) with
+  num_workers 0, 1 and 2, and per worker process;
+- time from building the DataLoader iterator to the first batch;
+- peak RSS (VmHWM) of the loading process(es) over a whole epoch of 5 and of 50 chunks;
+- the alternatives for the uint8 -> normalised float hot path, and chunk opening with and
+  without mmap.
+
+Run:  .venv/bin/python benchmarks/bench_loader.py [--chunks 50] [--records 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from transforms.chunks import FORMAT_VERSION, chunk_relpath, encode_chunk  # noqa: E402
+
+RECORDS_PER_CHUNK = 50
+IMAGE_SIZE = 518
+N_FEATURES = 40
+
+
+def _record(n: int, split: str, size: int) -> dict:
+    gen = torch.Generator().manual_seed(n)
+    height = size - 64 * (n % 2)  # half of them letterboxed
+    top = (size - height) // 2
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, size),
+                            indexing="ij")
+    body = 150 + 80 * torch.cos(2.5 * xx) * torch.cos(1.5 * yy)
+    noise = torch.randn(height, size, generator=gen) * 20
+    image = torch.zeros(size, size, dtype=torch.uint8)
+    image[top : top + height] = (body + noise).clamp(0, 255).to(torch.uint8)
+    length = int(torch.randint(300, 801, (1,), generator=gen))
+    mask = torch.rand(N_FEATURES, generator=gen) > 0.2
+    return {
+        "record_id": f"{n:08x}-bench", "subject_id": 10000000 + n, "study_id": 50000000 + n,
+        "stay_id": 30000000 + n, "hadm_id": None if n % 3 == 0 else 20000000 + n,
+        "view_position": "AP" if n % 2 else "PA", "split": split,
+        "study_datetime": "2180-07-23T21:30:14.531000", "image": image,
+        "image_box": torch.tensor([top, 0, height, size], dtype=torch.int32),
+        "enhanced_note": "Chief complaint: dyspnea. " * (length // 6),
+        "text_input_ids": torch.randint(1, 30522, (length,), generator=gen, dtype=torch.int32),
+        "attention_segments": [["triage", 0, length // 3], ["vitals", length // 3, length // 2],
+                               ["retrieved_knowledge", length // 2, length]],
+        "clinical_data": torch.randn(N_FEATURES, generator=gen) * mask,
+        "clinical_mask": mask,
+        "labels": torch.full((14,), float("nan")),
+        "retrieved_knowledge": ["Pneumonia: consolidation on chest radiograph."],
+    }
+
+
+def write_output(root: Path, n_chunks: int, size: int) -> None:
+    """An output dir of `n_chunks` train chunks of 50 records and its metadata.json."""
+    entries = []
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    for index in range(n_chunks):
+        rel = chunk_relpath("train", index, n_chunks)
+        recs = [_record(index * RECORDS_PER_CHUNK + k, "train", size)
+                for k in range(RECORDS_PER_CHUNK)]
+        data = encode_chunk(recs, split="train", index=index, count=n_chunks)
+        (root / rel).write_bytes(data)
+        entries.append({"path": rel, "split": "train", "index": index,
+                        "records": RECORDS_PER_CHUNK, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    n = n_chunks * RECORDS_PER_CHUNK
+    meta = {"format_version": FORMAT_VERSION, "n_train": n, "n_val": 0, "n_test": 0,
+            "total_records": n, "image_size": size, "chunks": entries,
+            "feature_names": [f"f{k}" for k in range(N_FEATURES)],
+            "label_names": [f"l{k}" for k in range(14)]}
+    (root / "metadata.json").write_text(json.dumps(meta))
+
+
+def _peak_rss_mb() -> dict:
+    status = Path("/proc/self/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, largest child
+    return {"main_peak_rss_mb": round(hwm / 1024, 1),
+            "worker_peak_rss_mb": round(children / 1024, 1)}
+
+
+def measure(
+    out_dir: str, workers: int, records: int, batch_size: int, image_dtype: str = "float32"
+) -> dict:
+    """One configuration, in this (fresh) process.
+
+    Besides wall-clock rates it reports records per CPU-second of the loading processes (the
+    workers, or this process with num_workers=0), a figure that other work on the machine
+    disturbs less.
+    """
+    from transforms.chunks import ChunkedDataset, collate_records
+
+    self_cpu = _cpu(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    ds = ChunkedDataset(out_dir, "train", batch_size=batch_size, seed=0,
+                        image_dtype=getattr(torch, image_dtype))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_records)
+    it = iter(loader)
+    batch = next(it)
+    first = time.perf_counter() - t0
+    assert batch["image_tensor"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+    seen = len(batch["record_id"])
+    t1 = time.perf_counter()
+    timed = 0
+    for batch in it:
+        seen += len(batch["record_id"])
+        timed += len(batch["record_id"])
+        if records and seen >= records:
+            break
+    elapsed = time.perf_counter() - t1
+    del it, loader, batch  # joins the workers, whose CPU time then counts as children's
+    if workers:
+        cpu = _cpu(resource.RUSAGE_CHILDREN)
+    else:
+        cpu = _cpu(resource.RUSAGE_SELF) - self_cpu
+    rate = timed / elapsed
+    return {"workers": workers, "image_dtype": image_dtype, "records": seen,
+            "first_batch_s": round(first, 3),
+            "records_per_s": round(rate, 1),
+            "records_per_s_per_worker": round(rate / max(workers, 1), 1),
+            "records_per_cpu_s": round(seen / cpu, 1),
+            "loadavg_1min": round(os.getloadavg()[0], 2), **_peak_rss_mb()}
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _subprocess(
+    out_dir: Path, workers: int, records: int, batch_size: int, image_dtype: str = "float32"
+) -> dict:
+    cmd = [sys.executable, __file__, "--_measure", str(out_dir), "--workers", str(workers),
+           "--records", str(records), "--batch_size", str(batch_size),
+           "--image_dtype", image_dtype]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def hot_path_alternatives(size: int) -> dict:
+    """ms per image for the uint8 [S, S] -> normalised float [3, S, S] alternatives."""
+    from transforms.chunks.dataset import IMAGENET_MEAN, IMAGENET_STD, _Normalizer
+
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    img = torch.randint(0, 256, (size, size), dtype=torch.uint8)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    lut = torch.tensor([[(v / 255 - m) / s for v in range(256)] for m, s in zip(mean, std)])
+    normalizer = _Normalizer(mean, std)
+
+    def textbook():
+        return torch.stack([(img.float() / 255 - m) / s for m, s in zip(mean, std)])
+
+    def lut_index_select():
+        idx = img.int().view(-1)
+        out = torch.empty(3, size * size)
+        for c in range(3):
+            torch.index_select(lut[c], 0, idx, out=out[c])
+        return out.view(3, size, size)
+
+    def broadcast_mul_add():
+        out = torch.empty(3, size, size)
+        scale = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
+        torch.mul(img.unsqueeze(0), scale, out=out)
+        return out.add_(torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1))
+
+    results = {}
+    for name, fn in [("textbook_stack", textbook), ("lut_index_select", lut_index_select),
+                     ("broadcast_mul_add", broadcast_mul_add),
+                     ("chosen_copy_then_fused_add", lambda: normalizer(img))]:
+        fn()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        results[name] = round((time.perf_counter() - t) / 200 * 1e3, 3)
+    return results
+
+
+def chunk_open(out_dir: Path) -> dict:
+    """ms to open one chunk and read one record's image: mmap vs read + decode."""
+    path = str(out_dir / chunk_relpath("train", 0, 5))
+    results = {}
+    for name, load in [
+        ("mmap", lambda: torch.load(path, weights_only=True, mmap=True)),
+        ("read_then_decode", lambda: torch.load(io.BytesIO(Path(path).read_bytes()),
+                                                weights_only=True)),
+    ]:
+        load()
+        t = time.perf_counter()
+        for _ in range(20):
+            chunk = load()
+            chunk["image"][7].float().sum()
+        results[name] = round((time.perf_counter() - t) / 20 * 1e3, 2)
+    with open(path, "rb") as handle:
+        t = time.perf_counter()
+        hashlib.file_digest(handle, "sha256")
+        results["sha256_verify"] = round((time.perf_counter() - t) * 1e3, 2)
+    results["chunk_mb"] = round(os.path.getsize(path) / 2**20, 1)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", type=int, default=50, help="chunks of the large output")
+    parser.add_argument("--records", type=int, default=1000,
+                        help="records per throughput run (0: a whole epoch)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--image_dtype", default="float32")
+    parser.add_argument("--_measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._measure:
+        print(json.dumps(measure(args._measure, args.workers, args.records, args.batch_size,
+                                 args.image_dtype)))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        t = time.perf_counter()
+        large, small = tmp / "large", tmp / "small"
+        write_output(large, args.chunks, IMAGE_SIZE)
+        write_output(small, 5, IMAGE_SIZE)
+        print(f"wrote {args.chunks} + 5 chunks of {RECORDS_PER_CHUNK} records "
+              f"({IMAGE_SIZE}x{IMAGE_SIZE}) in {time.perf_counter() - t:.0f} s to {tmp}")
+        print("hot path, ms per image (1 thread):", json.dumps(hot_path_alternatives(IMAGE_SIZE)))
+        print("chunk open, ms:", json.dumps(chunk_open(small)))
+        for workers in (0, 1, 2):
+            print("throughput:", json.dumps(_subprocess(large, workers, args.records,
+                                                        args.batch_size)))
+        print("throughput:", json.dumps(_subprocess(large, 1, args.records, args.batch_size,
+                                                    "bfloat16")))
+        for name, out in (("5 chunks", small), (f"{args.chunks} chunks", large)):
+            for workers in (0, 1):
+                res = _subprocess(out, workers, 0, args.batch_size)
+                print(f"whole epoch, {name}:", json.dumps(res))
+        print("reproduce: cd", REPO, "&& .venv/bin/python benchmarks/bench_loader.py",
+              f"--chunks {args.chunks} --records {args.records} --batch_size {args.batch_size}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
