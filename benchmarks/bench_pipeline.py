@@ -6,7 +6,11 @@ all processes, stored bytes per record; and the same preprocessing functions in 
 2 processes over the same records, with the ratio pipeline / tight loop.
 
     .venv/bin/python benchmarks/bench_pipeline.py --patients 1030      # ~2,000 records
-    .venv/bin/python benchmarks/bench_pipeline.py --patients 10300 --no_tight_loop  # ~20,000
+    .venv/bin/python benchmarks/bench_pipeline.py --patients 10600 --no_tight_loop  # ~20,000
+
+Beside ours it runs the old approach (benchmarks/baseline_old.py) on the same records, unless
+--no_baseline: one process holding every processed record in RAM, stopped at
+--baseline_max_rss_gb so that it reports instead of being OOM-killed.
 """
 
 from __future__ import annotations
@@ -114,12 +118,31 @@ def _tight_loop(records: list) -> float:
     return sum(r[2] for r in results) / (end - start)
 
 
+def _baseline(roots: dict, cohort_path: Path, work: Path, max_rss_gb: float) -> dict:
+    """The old one-process, all-in-RAM approach on the same records, measured the same way."""
+    _cohort(roots, cohort_path)
+    log = work / "baseline.log"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "baseline_old.py"), "--cohort",
+           str(cohort_path), "--out", str(work / "baseline-out"), "--max_rss_gb", str(max_rss_gb)]
+    code, wall, peak = run_measured(cmd, str(log))
+    if code != 0:
+        raise SystemExit(f"baseline failed ({code}); see {log}")
+    result = json.loads(log.read_text().strip().splitlines()[-1])
+    result.update(wall_s=round(wall, 1), peak_rss_mb=round(peak / 2**20))
+    if result["records_held"]:
+        result["peak_rss_mb_per_1000_records"] = round(peak / 2**20 / result["records_held"] * 1000)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=1030)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--work_dir", default="/tmp/bench_pipeline")
     parser.add_argument("--no_tight_loop", action="store_true")
+    parser.add_argument("--no_baseline", action="store_true",
+                        help="skip the old in-memory approach (benchmarks/baseline_old.py)")
+    parser.add_argument("--baseline_max_rss_gb", type=float, default=12.0)
     args = parser.parse_args()
 
     work = Path(args.work_dir)
@@ -151,6 +174,9 @@ def main() -> None:
         "stored_bytes_per_record": round(chunk_bytes / n),
         "failed": meta["failed"],
     }
+    if not args.no_baseline:
+        figures["baseline_old_in_memory"] = _baseline(
+            roots, data_dir / "cohort.pkl", work, args.baseline_max_rss_gb)
     if not args.no_tight_loop:
         records = _cohort(roots, data_dir / "cohort.pkl")
         tight = _tight_loop(records)

@@ -31,6 +31,7 @@ from transforms.errors import InputError
 from transforms.images import MAIN_TAG as IMAGES_TAG
 from transforms.images import PreprocessImages
 from transforms.notes import NOTES_TAG, BuildNotes, check_text_config
+from transforms.progress import LogProgress
 from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, sample_from
 from transforms.splits import INDICES_NAME, SplitAssignment, SplitPatients, WriteIndices
 from transforms.splits import read_indices
@@ -73,6 +74,7 @@ def build_pipeline(
         assignment | "WriteIndices" >> WriteIndices(fileio.join(cfg.output_dir, INDICES_NAME))
         return
 
+    record_count = records | "CountRecords" >> beam.combiners.Count.Globally()
     notes = (
         records
         | "StartSamples" >> beam.Map(sample_from)
@@ -91,7 +93,11 @@ def build_pipeline(
         tile_grid=cfg.clahe_tile_grid,
         requester_pays_project=cfg.requester_pays_project,
     )
-    refs = images[IMAGES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
+    refs = (
+        images[IMAGES_TAG]
+        | "SpillSamples" >> SpillSamples(cfg.output_dir)
+        | "LogProgress" >> LogProgress(total=record_count)
+    )
     chunks = (refs, assignment) | "WriteChunks" >> WriteChunks(
         cfg.output_dir, cfg.chunk_size, cfg.seed
     )
@@ -214,7 +220,21 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         return None
     metadata = json.loads(fileio.read_bytes(fileio.join(cfg.output_dir, "metadata.json")))
     print(summary_text(metadata, cfg.output_dir, elapsed))
+    print(counters_text(result))
     return metadata
+
+
+def counters_text(result: beam.runners.runner.PipelineResult) -> str:
+    """The run's Beam counters (the same figures Dataflow shows as job metrics)."""
+    try:
+        counters = result.metrics().query()["counters"]
+    except (AttributeError, NotImplementedError, KeyError):
+        return "counters: not available from this runner"
+    totals: dict[str, int] = {}
+    for counter in counters:
+        name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
+        totals[name] = totals.get(name, 0) + (counter.committed or 0)
+    return "counters:\n" + "\n".join(f"  {k} = {v}" for k, v in sorted(totals.items()))
 
 
 def summary_text(metadata: dict, output_dir: str, elapsed: float) -> str:
