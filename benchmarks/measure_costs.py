@@ -7,7 +7,8 @@ Writes benchmarks/measured_costs.json with, per record and on one core of this m
     retrieval with the real MiniLM, note assembly, real tokenizer), every query distinct so
     the retrieval cache never helps (real data repeats chief complaints: an upper bound);
   - encode_seconds and record_bytes: `transforms.chunks.encode_record` of the finished record
-    (what is shuffled and what a chunk file stores per record);
+    (what is spilled and what a chunk file stores per record);
+  - ref_bytes: one encoded spill reference, what crosses the shuffles instead of the record;
 and per SDK process: the resident memory with Beam, torch and the text resources loaded (the
 model is loaded once per process), and the peak memory one image in flight adds.
 Seconds are process CPU time (time.process_time): a busy machine inflates them less than wall
@@ -221,9 +222,26 @@ def measure(n_images: int, n_records: int, repeats: int) -> dict:
         "text_source": f"{len(built)} records, distinct retrieval queries (no cache hits)",
         "encode_seconds": round(encode_s, 5),
         "record_bytes": int(statistics.median(len(e) for e in encoded)),
+        "ref_bytes": _ref_bytes(finished[0]),
         "sdk_process_rss_bytes": memory["sdk_process_rss_bytes"],
         "image_peak_extra_bytes": memory["image_peak_extra_bytes"],
     }
+
+
+def _ref_bytes(record: dict) -> int:
+    """Encoded size of one spill reference (what crosses the shuffles instead of the record)."""
+    from apache_beam.coders import registry
+
+    from transforms.spill import SpillRef, spill_path
+
+    ref = SpillRef(
+        record_id=record["record_id"], subject_id=record["subject_id"],
+        study_id=record["study_id"], stratum="AP|triage_and_vitals|abnormal",
+        labels=tuple(float(v) for v in record["labels"]),
+        path=spill_path("gs://my-bucket/mimic-multimodal/v1", record["record_id"]),
+        nbytes=300_000,
+    )
+    return len(registry.get_coder(SpillRef).encode(ref))
 
 
 def main(argv=None) -> None:

@@ -31,7 +31,7 @@ from transforms.errors import InputError
 from transforms.images import MAIN_TAG as IMAGES_TAG
 from transforms.images import PreprocessImages
 from transforms.notes import NOTES_TAG, BuildNotes, check_text_config
-from transforms.progress import LogProgress
+from transforms.progress import Progress
 from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, sample_from
 from transforms.splits import INDICES_NAME, SplitAssignment, SplitPatients, WriteIndices
 from transforms.splits import read_indices
@@ -74,9 +74,11 @@ def build_pipeline(
         assignment | "WriteIndices" >> WriteIndices(fileio.join(cfg.output_dir, INDICES_NAME))
         return
 
+    progress = Progress()
     record_count = records | "CountRecords" >> beam.combiners.Count.Globally()
     notes = (
         records
+        | "NoteTotal" >> progress.total(record_count)
         | "StartSamples" >> beam.Map(sample_from)
         | "BuildNotes" >> BuildNotes(
             embedding_model=cfg.embedding_model,
@@ -96,7 +98,7 @@ def build_pipeline(
     refs = (
         images[IMAGES_TAG]
         | "SpillSamples" >> SpillSamples(cfg.output_dir)
-        | "LogProgress" >> LogProgress(total=record_count)
+        | "LogProgress" >> progress.log()
     )
     chunks = (refs, assignment) | "WriteChunks" >> WriteChunks(
         cfg.output_dir, cfg.chunk_size, cfg.seed
@@ -111,7 +113,8 @@ def build_pipeline(
         "dead_letters": dead_letters,
         "dropped": cohort[DROPPED_TAG],
     } | "WriteMetadata" >> WriteMetadata(
-        cfg.output_dir, cfg.summary(), image_size=cfg.image_size
+        cfg.output_dir, cfg.summary(), image_size=cfg.image_size,
+        report_examples=cfg.report_examples,
     )
 
 

@@ -51,6 +51,9 @@ DATAFLOW_PRICES = {
     "memory_gb_hour": 0.003557,
     "pd_standard_gb_hour": 0.000054,
     "shuffle_gb": 0.011,
+    # Cloud Storage operations (Standard class): a write is class A, a read class B.
+    "gcs_class_a_per_1000": 0.005,
+    "gcs_class_b_per_1000": 0.0004,
 }
 
 # Not measured here (no Dataflow access): stated with the estimate, where they can be judged.
@@ -64,8 +67,13 @@ ASSUMPTIONS = {
     # worker; a prebuilt --sdk_container_image skips the install.
     "startup_minutes": 6.0,
     "startup_minutes_with_container": 3.0,
-    # Times each finished record crosses a shuffle (spilled samples, then the chunk grouping).
+    # Times each record's small reference crosses a shuffle (split grouping, chunk grouping);
+    # the records themselves go through GCS (spill write, then read back by the chunk writer).
     "shuffle_passes": 2,
+    # Cloud Storage operations per record: writes (spill file, its temp-then-rename copy) and
+    # reads (the source JPEG, the spill file read back).
+    "gcs_writes_per_record": 2,
+    "gcs_reads_per_record": 2,
     # Dataflow's own worker processes and the OS (Dataflow's OOM guide: "typically < 1 GB").
     "worker_system_gb": 1.0,
 }
@@ -454,6 +462,7 @@ class Estimate:
     worker_cost_usd: float
     shuffle_gb: float
     shuffle_cost_usd: float
+    gcs_ops_cost_usd: float
     sdk_processes: int
     threads: int
     in_flight_bytes_per_thread: int
@@ -465,7 +474,7 @@ class Estimate:
 
     @property
     def cost_usd(self) -> float:
-        return self.worker_cost_usd + self.shuffle_cost_usd
+        return self.worker_cost_usd + self.shuffle_cost_usd + self.gcs_ops_cost_usd
 
 
 def load_costs(path: str | os.PathLike = MEASURED_COSTS) -> dict:
@@ -475,7 +484,7 @@ def load_costs(path: str | os.PathLike = MEASURED_COSTS) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: cannot read the measured costs ({err}); run "
                          "benchmarks/measure_costs.py") from None
-    needed = ("image_seconds", "text_seconds", "encode_seconds", "record_bytes",
+    needed = ("image_seconds", "text_seconds", "encode_seconds", "record_bytes", "ref_bytes",
               "sdk_process_rss_bytes", "image_peak_extra_bytes", "measured_on", "cpu")
     missing = [k for k in needed if k not in costs]
     if missing:
@@ -498,7 +507,9 @@ def estimate(cfg: DataflowConfig, costs: dict, records: int = DEFAULT_RECORDS) -
     hourly = (machine.vcpus * prices["vcpu_hour"] + machine.memory_gb * prices["memory_gb_hour"]
               + cfg["disk_size_gb"] * prices["pd_standard_gb_hour"])
     worker_cost = workers * (processing_h + startup_min / 60) * hourly
-    shuffle_gb = records * costs["record_bytes"] * a["shuffle_passes"] / 1e9
+    shuffle_gb = records * costs["ref_bytes"] * a["shuffle_passes"] / 1e9
+    gcs_ops = records * (a["gcs_writes_per_record"] * prices["gcs_class_a_per_1000"]
+                         + a["gcs_reads_per_record"] * prices["gcs_class_b_per_1000"]) / 1000
 
     one_process = "no_use_multiple_sdk_containers" in cfg["experiments"]
     processes = 1 if one_process else machine.vcpus
@@ -512,6 +523,7 @@ def estimate(cfg: DataflowConfig, costs: dict, records: int = DEFAULT_RECORDS) -
         workers=workers, machine=machine, processing_minutes=processing_h * 60,
         startup_minutes=startup_min, worker_hourly_usd=hourly, worker_cost_usd=worker_cost,
         shuffle_gb=shuffle_gb, shuffle_cost_usd=shuffle_gb * prices["shuffle_gb"],
+        gcs_ops_cost_usd=gcs_ops,
         sdk_processes=processes, threads=threads, in_flight_bytes_per_thread=in_flight,
         memory_needed_gb=memory_gb,
     )
@@ -537,13 +549,14 @@ def format_estimate(est: Estimate, costs: dict, costs_path: str | os.PathLike) -
         f"  wall time:   ~{est.wall_minutes:.0f} min ({est.processing_minutes:.0f} min "
         f"processing + {est.startup_minutes:g} min worker start-up)",
         f"  cost:        ~${est.cost_usd:.2f} (workers ${est.worker_cost_usd:.2f} at "
-        f"${est.worker_hourly_usd:.3f}/worker-hour; Dataflow Shuffle {est.shuffle_gb:.0f} GB "
-        f"${est.shuffle_cost_usd:.2f})",
+        f"${est.worker_hourly_usd:.3f}/worker-hour; Dataflow Shuffle of references "
+        f"{est.shuffle_gb:.2f} GB ${est.shuffle_cost_usd:.2f}; GCS operations "
+        f"${est.gcs_ops_cost_usd:.2f})",
         f"  prices:      Dataflow batch list prices, {p['region']}, as of {p['as_of']}: vCPU "
         f"{_usd(p['vcpu_hour'])}/h, memory {_usd(p['memory_gb_hour'])}/GB-h, standard PD "
         f"{_usd(p['pd_standard_gb_hour'])}/GB-h, Shuffle {_usd(p['shuffle_gb'])}/GB",
         "               (list prices to check at https://cloud.google.com/dataflow/pricing; "
-        "requester-pays reads and GCS operations are billed apart)",
+        "requester-pays egress and storage of the output are billed apart)",
         f"  memory:      ~{est.memory_needed_gb:.1f} GB of {m.memory_gb:g} GB per worker = "
         f"{a['worker_system_gb']:g} GB system + {est.sdk_processes} SDK process(es) x "
         f"{costs['sdk_process_rss_bytes'] / 2**30:.2f} GB (Beam, torch, model) + "

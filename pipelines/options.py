@@ -104,6 +104,12 @@ class DatasetOptions(PipelineOptions):
         split.add_argument(
             "--overwrite", action="store_true", default=False,
             help="Replace an existing complete output instead of stopping.")
+        split.add_argument(
+            "--report_examples", type=int, default=0,
+            help="Example records per split shown in report.html (image thumbnail and the "
+            "first 300 characters of the note). These are patient data from credentialed "
+            "PhysioNet datasets: share such a report only under the data use agreement. "
+            "0: none, the report holds aggregate counts only.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +142,7 @@ class DatasetConfig:
     stratification_indices: Optional[str]
     compute_indices_only: bool
     overwrite: bool
+    report_examples: int
 
     @property
     def synthetic(self) -> bool:
@@ -185,6 +192,7 @@ def config_from_options(options: PipelineOptions) -> DatasetConfig:
     _positive("clahe_tile_grid", o.clahe_tile_grid)
     _positive("limit", o.limit, allow_zero=True)
     _positive("synthetic_patients", o.synthetic_patients)
+    _positive("report_examples", o.report_examples, allow_zero=True)
     if o.max_text_length < 8:
         raise InputError(f"--max_text_length must be >= 8, got {o.max_text_length}")
     if o.compute_indices_only and o.stratification_indices:
@@ -218,4 +226,5 @@ def config_from_options(options: PipelineOptions) -> DatasetConfig:
         stratification_indices=o.stratification_indices,
         compute_indices_only=o.compute_indices_only,
         overwrite=o.overwrite,
+        report_examples=o.report_examples,
     )

@@ -245,7 +245,7 @@ def test_two_step_flow_and_local_mode(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- estimate
 def _costs() -> dict:
     return {"image_seconds": 0.03, "text_seconds": 0.02, "encode_seconds": 0.0,
-            "record_bytes": 250_000, "sdk_process_rss_bytes": 2**30,
+            "record_bytes": 250_000, "ref_bytes": 500, "sdk_process_rss_bytes": 2**30,
             "image_peak_extra_bytes": 2 * 2**20, "measured_on": "today", "cpu": "test"}
 
 
@@ -258,8 +258,12 @@ def test_estimate_follows_records_workers_and_prices() -> None:
         base.vcpu_hours / (8 * 4 * a["utilization"]) * 60)
     hourly = 4 * p["vcpu_hour"] + 15 * p["memory_gb_hour"] + 50 * p["pd_standard_gb_hour"]
     assert base.worker_hourly_usd == pytest.approx(hourly)
+    # Only references are shuffled; the records go through GCS (spill write, read back).
     assert base.shuffle_cost_usd == pytest.approx(
-        100_000 * 250_000 * a["shuffle_passes"] / 1e9 * p["shuffle_gb"])
+        100_000 * 500 * a["shuffle_passes"] / 1e9 * p["shuffle_gb"])
+    assert base.gcs_ops_cost_usd == pytest.approx(100_000 * (
+        a["gcs_writes_per_record"] * p["gcs_class_a_per_1000"]
+        + a["gcs_reads_per_record"] * p["gcs_class_b_per_1000"]) / 1000)
     assert dc.estimate(cfg, _costs(), records=200_000).vcpu_hours == pytest.approx(
         2 * base.vcpu_hours)
     wider = dc.validate({**_example(), "max_num_workers": 16})

@@ -1,12 +1,13 @@
-"""Progress logging of long local runs: the line a user reads, and the pass-through transform."""
+"""Progress logging of long local runs: the line a user reads, and the pass-through steps."""
 
 import logging
+import re
 
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.progress import LogProgress, progress_line
+from transforms.progress import Progress, progress_line
 
 
 def test_progress_line_gives_rate_share_and_eta():
@@ -22,13 +23,41 @@ def test_progress_line_without_total_has_no_eta():
     assert "2.5 records/s" in line and "ETA" not in line
 
 
-def test_log_progress_passes_every_element_and_logs_the_eta(caplog):
+_EVENTS: list = []  # module level: Beam pickles DoFns, a closure's list would be a copy
+
+
+def _work(x):
+    _EVENTS.append("work")
+    return x
+
+
+def test_progress_logs_while_the_heavy_path_runs(caplog):
+    """Lines come out interleaved with the work (the log step is fused with it), each with
+    the run's own total and a count that starts from this run."""
     caplog.set_level(logging.INFO, logger="transforms.progress")
-    with TestPipeline(runner="FnApiRunner") as p:
-        items = p | beam.Create(list(range(40)))
-        total = items | beam.combiners.Count.Globally()
-        out = items | LogProgress(interval_s=0.0, total=total)
-        assert_that(out, equal_to(list(range(40))))
-    lines = [r.getMessage() for r in caplog.records if r.name == "transforms.progress"]
-    assert lines, "no progress line was logged"
-    assert all("of 40" in line and "ETA" in line for line in lines)
+    events = _EVENTS
+
+    class _Events(logging.Handler):
+        def emit(self, record):
+            if record.name == "transforms.progress":
+                events.append(record.getMessage())
+
+    handler = _Events()
+    logging.getLogger("transforms.progress").addHandler(handler)
+    try:
+        for _ in range(2):  # a second run in the same process counts from zero again
+            events.clear()
+            with TestPipeline(runner="FnApiRunner") as p:
+                items = p | beam.Create(list(range(40))) | beam.Reshuffle()
+                progress = Progress(interval_s=0.0)
+                total = items | beam.combiners.Count.Globally()
+                out = (items | "Total" >> progress.total(total) | beam.Map(_work)
+                       | "Log" >> progress.log())
+                assert_that(out, equal_to(list(range(40))))
+            lines = [e for e in events if e != "work"]
+            assert lines and all("of 40" in line and "ETA" in line for line in lines)
+            assert int(re.search(r"(\d+) records", lines[-1]).group(1)) == 40
+            # Not all the work first and all the lines after: the log step is fused.
+            assert events.index(lines[0]) < len(events) - events[::-1].index("work") - 1
+    finally:
+        logging.getLogger("transforms.progress").removeHandler(handler)

@@ -1,10 +1,12 @@
 """The output's manifest and its commit: failed/, stratification_indices.json, metadata.json.
 
 `WriteMetadata` runs once every chunk is written (it waits on the list of all `ChunkInfo`s)
-and publishes, in order: the dead letters under `failed/`, `stratification_indices.json`, and
-`metadata.json` last, whose presence marks the output complete. It then removes the run's
-temporary files. Every input it reads is small (chunk entries, counts, refs); the manifest is a
-pure function of them (sorted keys, no timestamps), so it is byte-identical across runs.
+and publishes, in order: the dead letters under `failed/`, `stratification_indices.json`, the
+dataset report (`report.html` and `report/`, see `transforms.report`), and `metadata.json`
+last, whose presence marks the output complete. It then removes the run's temporary files.
+Every input it reads is small (chunk entries, counts, refs; the report's example records, when
+asked for, are read back from the written chunks); the manifest is a pure function of them
+(sorted keys, no timestamps), so it is byte-identical across runs.
 
 `check_output_dir` runs before the pipeline: it refuses to replace a complete output without
 --overwrite and clears what a crashed or replaced run left.
@@ -25,7 +27,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import fileio, schema
+from transforms import fileio, report, schema
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.errors import InputError
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
@@ -46,7 +48,11 @@ LABEL_CLASSES: tuple[str, ...] = ("positive", "negative", "uncertain", "missing"
 _LABEL_VALUES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
 # What a run writes under the output dir, and so what a new run may clear. The indices file
 # is left: it may be the --stratification_indices being reused, and is replaced at commit.
-_RUN_DIRS: tuple[str, ...] = (*SPLITS, FAILED_DIR, TMP_DIR)
+_RUN_DIRS: tuple[str, ...] = (*SPLITS, FAILED_DIR, TMP_DIR, report.REPORT_DIR)
+# At most this many bins in the note-length histogram, whatever the data: memory stays bounded
+# and notes of a few hundred tokens still get a fine histogram under the default 8192 limit.
+NOTE_TOKEN_BINS = 1024
+_DEFAULT_MAX_TEXT_LENGTH = 8192  # the --max_text_length default, if the config lacks it
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,7 +84,8 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     A complete output (metadata.json present) stops the run unless `overwrite`; with it, or
     for an incomplete output (what a crashed run left), metadata.json goes first (so a crash
     while clearing leaves an output that reads as incomplete), then train/, val/, test/,
-    failed/ and _tmp/. Other files in the directory are not touched.
+    failed/, _tmp/, report/ and report.html (so no example record of an earlier run is left).
+    Other files in the directory are not touched.
 
     Raises:
         InputError: a complete output is there and `overwrite` is False.
@@ -94,6 +101,7 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         fileio.delete([metadata])
     for name in _RUN_DIRS:
         _delete_tree(fileio.join(output_dir, name))
+    fileio.delete([fileio.join(output_dir, report.REPORT_NAME)])
 
 
 def _label_class(value: float) -> str:
@@ -102,8 +110,46 @@ def _label_class(value: float) -> str:
     return _LABEL_VALUES.get(value, "other")
 
 
+def note_bin_width(max_text_length: int, bins: int = NOTE_TOKEN_BINS) -> int:
+    """Tokens per bin of the note-length histogram: at most `bins` bins up to the limit."""
+    if max_text_length < 1:
+        raise ValueError(f"max_text_length must be >= 1, got {max_text_length}")
+    return max(1, math.ceil(max_text_length / bins))
+
+
+def _new_tally() -> dict:
+    return {
+        "records": 0,
+        "patients": set(),
+        "strata": collections.Counter(),
+        "labels": [collections.Counter() for _ in schema.CHEXPERT_LABELS],
+        "note_bins": collections.Counter(),  # bin index -> records
+        "note_sum": 0,
+        "note_at_limit": 0,
+        "note_min": None,
+        "note_max": None,
+        "missing": collections.Counter(),  # feature index -> records missing it
+    }
+
+
+def _extreme(pick, a: Optional[int], b: Optional[int]) -> Optional[int]:
+    return b if a is None else a if b is None else pick(a, b)
+
+
 class _SplitStatsFn(beam.CombineFn):
-    """Per split: records, patients, records per stratum and per key, label classes."""
+    """Per split: records, patients, records per stratum and per key, label classes, a
+    fixed-bin histogram of note tokens and per feature the records missing it.
+
+    Args:
+        feature_names: names of clinical_data's columns (`SpillRef.clinical_missing` indexes
+            them).
+        max_text_length: the run's --max_text_length (sets the histogram's bins).
+    """
+
+    def __init__(self, feature_names: Sequence[str], max_text_length: int) -> None:
+        self._feature_names = list(feature_names)
+        self._limit = int(max_text_length)
+        self._bin_width = note_bin_width(self._limit)
 
     def create_accumulator(self) -> dict[str, dict[str, Any]]:
         return {}
@@ -111,12 +157,7 @@ class _SplitStatsFn(beam.CombineFn):
     @staticmethod
     def _tally(acc: dict, split: str) -> dict:
         if split not in acc:
-            acc[split] = {
-                "records": 0,
-                "patients": set(),
-                "strata": collections.Counter(),
-                "labels": [collections.Counter() for _ in schema.CHEXPERT_LABELS],
-            }
+            acc[split] = _new_tally()
         return acc[split]
 
     def add_input(self, acc: dict, element: tuple[str, SpillRef]) -> dict:
@@ -129,6 +170,15 @@ class _SplitStatsFn(beam.CombineFn):
             raise ValueError(f"record {ref.record_id} has {len(ref.labels)} labels, not 14")
         for counter, value in zip(tally["labels"], ref.labels):
             counter[_label_class(value)] += 1
+        tally["note_bins"][min(ref.note_tokens, self._limit) // self._bin_width] += 1
+        tally["note_sum"] += ref.note_tokens
+        tally["note_at_limit"] += ref.note_tokens >= self._limit
+        tally["note_min"] = _extreme(min, tally["note_min"], ref.note_tokens)
+        tally["note_max"] = _extreme(max, tally["note_max"], ref.note_tokens)
+        if any(not 0 <= i < len(self._feature_names) for i in ref.clinical_missing):
+            raise ValueError(f"record {ref.record_id} has missing-feature indices "
+                             f"{ref.clinical_missing} beyond the {len(self._feature_names)}")
+        tally["missing"].update(ref.clinical_missing)
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
@@ -141,16 +191,27 @@ class _SplitStatsFn(beam.CombineFn):
                 tally["strata"].update(other["strata"])
                 for counter, counts in zip(tally["labels"], other["labels"]):
                     counter.update(counts)
+                tally["note_bins"].update(other["note_bins"])
+                tally["note_sum"] += other["note_sum"]
+                tally["note_at_limit"] += other["note_at_limit"]
+                tally["note_min"] = _extreme(min, tally["note_min"], other["note_min"])
+                tally["note_max"] = _extreme(max, tally["note_max"], other["note_max"])
+                tally["missing"].update(other["missing"])
         return merged
 
     def extract_output(self, acc: dict) -> dict[str, dict]:
-        return {split: split_summary(acc.get(split)) for split in SPLITS}
+        return {
+            split: split_summary(acc.get(split), self._feature_names, self._bin_width)
+            for split in SPLITS
+        }
 
 
-def split_summary(tally: Optional[dict]) -> dict:
+def split_summary(
+    tally: Optional[dict], feature_names: Sequence[str], note_bin_width: int
+) -> dict:
     """The metadata.json entry of one split from its tally (None: an empty split)."""
     if tally is None:
-        tally = {"records": 0, "patients": set(), "strata": {}, "labels": [{}] * 14}
+        tally = _new_tally()
     keys: dict[str, collections.Counter] = {key: collections.Counter() for key in
                                             STRATIFICATION_KEYS}
     for stratum, n in tally["strata"].items():
@@ -161,12 +222,30 @@ def split_summary(tally: Optional[dict]) -> dict:
         labels[name] = {cls: counts.get(cls, 0) for cls in LABEL_CLASSES}
         if counts.get("other"):
             labels[name]["other"] = counts["other"]
+    records = tally["records"]
     return {
-        "records": tally["records"],
+        "records": records,
         "patients": len(tally["patients"]),
         "strata": dict(sorted(tally["strata"].items())),
         "stratification_keys": {k: dict(sorted(c.items())) for k, c in keys.items()},
         "labels": labels,
+        "note_tokens": {
+            # Records per bin, by the bin's first token count (a string key, JSON's only
+            # kind): start <= tokens < start + bin_width. Empty bins are left out.
+            "bin_width": note_bin_width,
+            "counts": {
+                str(i * note_bin_width): n for i, n in sorted(tally["note_bins"].items())
+            },
+            "at_max_text_length": tally["note_at_limit"],
+            "min": tally["note_min"],
+            "max": tally["note_max"],
+            "mean": round(tally["note_sum"] / records, 2) if records else None,
+        },
+        # Fraction of the split's records where the feature is missing (clinical_mask False).
+        "clinical_missing": {
+            name: round(tally["missing"][i] / records, 6) if records else 0.0
+            for i, name in enumerate(feature_names)
+        },
     }
 
 
@@ -230,7 +309,8 @@ def build_metadata(
 
     Args:
         chunks: every written chunk.
-        stats: `_SplitStatsFn` output: per split records, patients, strata and labels.
+        stats: `_SplitStatsFn` output: per split records, patients, strata, labels, note
+            tokens and clinical missingness.
         failed: (reason, count) of the dead letters.
         dropped: (reason, count) of the images that are not records.
         assignment: the split of every cohort patient.
@@ -255,6 +335,7 @@ def build_metadata(
         "dropped": _reason_counts(DROP_REASONS, dropped),
         "failed": _reason_counts(FAIL_REASONS, failed),
         "splits": {split: stats[split] for split in SPLITS},
+        "report": report.REPORT_NAME,
         "stratification": {
             "keys": list(STRATIFICATION_KEYS),
             "seed": assignment.seed,
@@ -285,11 +366,13 @@ def _split_of_ref(ref: SpillRef, assignment: SplitAssignment) -> tuple[str, Spil
 
 
 class _CommitFn(beam.DoFn):
-    """Publishes failed/, the indices and metadata.json (last), then drops the temporaries."""
+    """Publishes failed/, the indices, the report and metadata.json (last), then drops the
+    temporaries."""
 
-    def __init__(self, output_dir: str, settings: dict) -> None:
+    def __init__(self, output_dir: str, settings: dict, report_examples: int) -> None:
         self._output_dir = output_dir
         self._settings = settings
+        self._report_examples = report_examples
 
     def process(
         self,
@@ -317,6 +400,8 @@ class _CommitFn(beam.DoFn):
             for path in fileio.list_files(fileio.join(out, split, "*.tmp-*"))
         ]
         fileio.delete(leftovers)
+        examples = report.read_examples(out, meta, self._report_examples)
+        report.write_report(out, meta, examples)
         fileio.write_bytes(fileio.join(out, METADATA_NAME), metadata_bytes(meta))
         try:
             _delete_tree(tmp_dir(out))
@@ -327,7 +412,7 @@ class _CommitFn(beam.DoFn):
 
 
 class WriteMetadata(beam.PTransform):
-    """Commits the output: failed/, stratification_indices.json, then metadata.json.
+    """Commits the output: failed/, stratification_indices.json, the report, then metadata.json.
 
     Input: a dict of PCollections:
         "chunks": `ChunkInfo` of every chunk (`WriteChunks`' output).
@@ -339,10 +424,13 @@ class WriteMetadata(beam.PTransform):
 
     Args:
         output_dir: local dir or gs:// URI of the dataset.
-        config: the configuration recorded in metadata.json (JSON-serialisable).
+        config: the configuration recorded in metadata.json (JSON-serialisable); its
+            "max_text_length" (default 8192) sets the bins of the note-length histogram.
         image_size: side of the stored square images.
         feature_names: names of clinical_data's columns (default features.FEATURE_NAMES).
         label_names: names of the labels (default schema.CHEXPERT_LABELS).
+        report_examples: example records per split shown in the report (image thumbnail and
+            the start of the note: patient data). 0, the default, shows none.
     """
 
     INPUTS = ("chunks", "refs", "assignment", "dead_letters", "dropped")
@@ -355,6 +443,7 @@ class WriteMetadata(beam.PTransform):
         image_size: int,
         feature_names: Optional[Sequence[str]] = None,
         label_names: Sequence[str] = schema.CHEXPERT_LABELS,
+        report_examples: int = 0,
     ) -> None:
         super().__init__()
         if feature_names is None:
@@ -362,7 +451,11 @@ class WriteMetadata(beam.PTransform):
 
             feature_names = FEATURE_NAMES
         json.dumps(dict(config), allow_nan=False)  # fail now, not after the chunks
+        if report_examples < 0:
+            raise ValueError(f"report_examples must be >= 0, got {report_examples}")
         self._output_dir = output_dir.rstrip("/")
+        self._report_examples = int(report_examples)
+        self._max_text_length = int(config.get("max_text_length", _DEFAULT_MAX_TEXT_LENGTH))
         self._settings = {
             "config": dict(config),
             "image_size": int(image_size),
@@ -378,7 +471,8 @@ class WriteMetadata(beam.PTransform):
         stats = (
             inputs["refs"]
             | "SplitOfRef" >> beam.Map(_split_of_ref, assignment)
-            | "SplitStats" >> beam.CombineGlobally(_SplitStatsFn())
+            | "SplitStats" >> beam.CombineGlobally(
+                _SplitStatsFn(self._settings["feature_names"], self._max_text_length))
         )
         dead = inputs["dead_letters"] | "AllDeadLetters" >> beam.combiners.ToList()
         dropped = (
@@ -390,7 +484,7 @@ class WriteMetadata(beam.PTransform):
             inputs["chunks"]
             | "AllChunks" >> beam.combiners.ToList()
             | "Commit" >> beam.ParDo(
-                _CommitFn(self._output_dir, self._settings),
+                _CommitFn(self._output_dir, self._settings, self._report_examples),
                 beam.pvalue.AsSingleton(stats),
                 beam.pvalue.AsSingleton(dead),
                 beam.pvalue.AsSingleton(dropped),

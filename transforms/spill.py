@@ -40,6 +40,9 @@ class SpillRef:
     labels: tuple[float, ...]  # 14 CheXpert labels, NaN missing
     path: str  # the encode_record bytes (split "")
     nbytes: int
+    # Facts the dataset report needs, carried here so no heavy payload is shuffled for them.
+    note_tokens: int = 0  # tokens of the enhanced note (after truncation)
+    clinical_missing: tuple[int, ...] = ()  # indices of the clinical features that are missing
 
 
 def tmp_dir(output_dir: str) -> str:
@@ -96,6 +99,11 @@ def to_chunk_record(sample: dict, split: str) -> dict:
     }
 
 
+def missing_features(clinical_mask: Any) -> tuple[int, ...]:
+    """Indices of the features a clinical mask marks missing (False): a few small ints."""
+    return tuple(int(i) for i in np.flatnonzero(~np.asarray(clinical_mask, dtype=np.bool_)))
+
+
 class _SpillFn(beam.DoFn):
     def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir
@@ -119,6 +127,8 @@ class _SpillFn(beam.DoFn):
             labels=tuple(float(v) for v in cohort.labels),
             path=path,
             nbytes=len(data),
+            note_tokens=len(sample["text_input_ids"]),
+            clinical_missing=missing_features(sample["clinical_mask"]),
         )
 
 
