@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from pipelines.malloc import limit_malloc_arenas
 from pipelines.options import DatasetConfig, DatasetOptions, config_from_options
 from transforms import fileio, schema
 from transforms.cohort import RECORDS_TAG, JoinCohort
@@ -257,6 +258,7 @@ def summary_text(metadata: dict, output_dir: str, elapsed: float) -> str:
 
 
 def main() -> None:
+    limit_malloc_arenas()  # before the runner starts its worker threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
