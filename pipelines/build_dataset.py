@@ -221,6 +221,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     elapsed = time.monotonic() - started
     if cfg.compute_indices_only:
         print(f"wrote {fileio.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
+        print(counters_text(result))
         return None
     metadata = json.loads(fileio.read_bytes(fileio.join(cfg.output_dir, "metadata.json")))
     print(summary_text(metadata, cfg.output_dir, elapsed))
