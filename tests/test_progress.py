@@ -4,7 +4,7 @@ import logging
 import re
 
 import apache_beam as beam
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.progress import Progress, progress_line
@@ -47,7 +47,7 @@ def test_progress_logs_while_the_heavy_path_runs(caplog):
     try:
         for _ in range(2):  # a second run in the same process counts from zero again
             events.clear()
-            with TestPipeline(runner="FnApiRunner") as p:
+            with BeamTestPipeline(runner="FnApiRunner") as p:
                 items = p | beam.Create(list(range(40))) | beam.Reshuffle()
                 progress = Progress(interval_s=0.0)
                 total = items | beam.combiners.Count.Globally()
