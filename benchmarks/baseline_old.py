@@ -104,6 +104,7 @@ def main() -> None:
         stored += buffer.tell()
     subjects = {s: {r["subject_id"] for r in items} for s, items in cuts.items()}
     print(json.dumps({
+        "command": " ".join([sys.executable] + sys.argv),
         "records_in_cohort": len(records),
         "records_held": n,
         "stopped_at_rss_cap": stopped_at_cap,

@@ -260,6 +260,8 @@ def main(argv=None) -> None:
     result = measure(args.images, args.records, args.repeats)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    print("reproduce: " + " ".join([".venv/bin/python", "benchmarks/measure_costs.py",
+                                    *(argv if argv is not None else sys.argv[1:])]))
 
 
 if __name__ == "__main__":
