@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import resource
 import shutil
@@ -119,7 +120,8 @@ def measure(
     it = iter(loader)
     batch = next(it)
     first = time.perf_counter() - t0
-    assert batch["image_tensor"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+    channels = 1 if image_dtype == "uint8" else 3
+    assert batch["image_tensor"].shape[1:] == (channels, IMAGE_SIZE, IMAGE_SIZE)
     seen = len(batch["record_id"])
     t1 = time.perf_counter()
     timed = 0
@@ -141,6 +143,36 @@ def measure(
             "records_per_s_per_worker": round(rate / max(workers, 1), 1),
             "records_per_cpu_s": round(seen / cpu, 1),
             "loadavg_1min": round(os.getloadavg()[0], 2), **_peak_rss_mb()}
+
+
+def write_ceiling(batch_size: int, repeats: int = 10) -> dict:
+    """What any DataLoader worker pays to hand over a float32 [3, S, S] image: a fresh
+    shared-memory batch buffer written once (as `_batch_buffer` allocates it in a worker),
+    against fresh private memory; and `normalize_images` of a uint8 batch here on the CPU."""
+    from transforms.chunks import normalize_images
+
+    def per_image(alloc) -> float:
+        src = torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            alloc().copy_(src)
+        return round((time.perf_counter() - t) / (repeats * batch_size) * 1000, 3)
+
+    shape = (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def shared() -> torch.Tensor:
+        proto = torch.empty(0)
+        storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        return proto.new(storage).view(shape)
+
+    grey = torch.randint(0, 256, (batch_size, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        normalize_images(grey)
+    cpu_norm = (time.perf_counter() - t) / (repeats * batch_size) * 1000
+    return {"fresh_shared_memory_write": per_image(shared),
+            "fresh_private_memory_write": per_image(lambda: torch.empty(shape)),
+            "normalize_images_cpu": round(cpu_norm, 3)}
 
 
 def _cpu(who: int) -> float:
@@ -248,6 +280,10 @@ def main() -> None:
                                                         args.batch_size)))
         print("throughput:", json.dumps(_subprocess(large, 1, args.records, args.batch_size,
                                                     "bfloat16")))
+        for workers in (1, 2):
+            print("throughput:", json.dumps(_subprocess(large, workers, args.records,
+                                                        args.batch_size, "uint8")))
+        print("ceiling, ms per image:", json.dumps(write_ceiling(args.batch_size)))
         for name, out in (("5 chunks", small), (f"{args.chunks} chunks", large)):
             for workers in (0, 1):
                 res = _subprocess(out, workers, 0, args.batch_size)

@@ -24,6 +24,7 @@ from transforms.chunks import (
     MapChunkedDataset,
     MissingChunkError,
     collate_records,
+    normalize_images,
 )
 
 COUNTS = {"train": 22, "val": 5, "test": 3}  # chunks of 4: train has 6, the last of 2
@@ -239,6 +240,28 @@ def test_half_precision_images(output: Path) -> None:
     half = ChunkedDataset(str(output), "val", mode="map", image_dtype=torch.bfloat16)[1]
     assert half["image_tensor"].dtype == torch.bfloat16
     torch.testing.assert_close(half["image_tensor"].float(), full, rtol=1e-2, atol=2e-2)
+
+
+def test_uint8_images_normalised_on_the_device_match_the_float_mode(output: Path) -> None:
+    """image_dtype=torch.uint8 moves the stored image; normalize_images then gives what the
+    float mode would have, for a batch from DataLoader workers."""
+    raw = ChunkedDataset(str(output), "val", mode="map", image_dtype=torch.uint8)
+    full = ChunkedDataset(str(output), "val", mode="map")
+    rec = raw[1]
+    assert rec["image_tensor"].dtype == torch.uint8 and rec["image_tensor"].shape == (1, SIZE, SIZE)
+    assert torch.equal(rec["image_tensor"][0], source_record(rec["record_id"])["image"])
+    torch.testing.assert_close(normalize_images(rec["image_tensor"]), full[1]["image_tensor"],
+                               rtol=0, atol=1e-5)
+    loader = DataLoader(raw, batch_size=3, num_workers=2, collate_fn=collate_records)
+    batch = next(iter(loader))
+    assert batch["image_tensor"].shape == (3, 1, SIZE, SIZE)
+    expected = torch.stack([full[i]["image_tensor"] for i in range(3)])
+    torch.testing.assert_close(normalize_images(batch["image_tensor"]), expected,
+                               rtol=0, atol=1e-5)
+    half = normalize_images(batch["image_tensor"], dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.shape == (3, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_images(expected)
 
 
 def test_corrupted_chunk_is_named(copy_of: Path) -> None:

@@ -12,6 +12,7 @@ from transforms.chunks.dataset import (
     IterableChunkedDataset,
     MapChunkedDataset,
     collate_records,
+    normalize_images,
 )
 from transforms.chunks.errors import ChunkIntegrityError, IncompleteOutputError, MissingChunkError
 from transforms.chunks.format import (
@@ -50,6 +51,7 @@ __all__ = [
     "decode_record",
     "encode_chunk",
     "encode_record",
+    "normalize_images",
     "read_metadata",
     "record_at",
 ]
