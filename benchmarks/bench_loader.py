@@ -9,7 +9,10 @@ subprocess so that peak memory is its own:
 - time from building the DataLoader iterator to the first batch;
 - peak RSS (VmHWM) of the loading process(es) over a whole epoch of 5 and of 50 chunks;
 - the alternatives for the uint8 -> normalised float hot path, and chunk opening with and
-  without mmap.
+  without mmap;
+- bfloat16 and uint8 (`image_dtype`) deliveries, and the ceiling of any worker handing over
+  float32 images: ms per image to fill fresh shared memory (vs private memory), and
+  `normalize_images` on this CPU.
 
 Run:  .venv/bin/python benchmarks/bench_loader.py [--chunks 50] [--records 1000]
 """
