@@ -268,7 +268,7 @@ def plot_losses(meta: Mapping[str, Any]) -> Figure:
         ax.set_yticks(range(len(reasons)), reasons)
         ax.set_ylim(rows - 0.5, -0.5)
         ax.set_xlim(0, max(counts + [1]) * 1.25)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
         ax.set_xlabel("count")
         ax.set_title(title, fontsize=11)
     return fig
@@ -289,7 +289,7 @@ PLOTS: tuple[tuple[str, str, str, Callable[[Mapping[str, Any]], Figure]], ...] =
      "(clinical_mask False).", plot_missing),
     ("note_tokens.png", "Note length",
      "Histogram of the enhanced note's token count over the range the notes occupy (from "
-     "metadata.json's finer bins); notes longer than --max_text_length were cut to it.",
+     "metadata.json's finer bins); notes over the token limit (max_text_length) were cut to it.",
      plot_note_tokens),
     ("losses_by_reason.png", "Losses by reason",
      "Images that never became records, and records that failed processing, by reason.",
