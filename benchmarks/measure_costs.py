@@ -239,7 +239,8 @@ def _ref_bytes(record: dict) -> int:
         study_id=record["study_id"], stratum="AP|triage_and_vitals|abnormal",
         labels=tuple(float(v) for v in record["labels"]),
         path=spill_path("gs://my-bucket/mimic-multimodal/v1", record["record_id"]),
-        nbytes=300_000,
+        nbytes=300_000, note_tokens=len(record["text_input_ids"]),
+        clinical_missing=tuple(i for i, seen in enumerate(record["clinical_mask"]) if not seen),
     )
     return len(registry.get_coder(SpillRef).encode(ref))
 

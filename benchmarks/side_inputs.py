@@ -48,6 +48,8 @@ def main() -> None:
             record_id=record_id, subject_id=subject, study_id=study, stratum="AP|triage_and_vitals|abnormal",
             labels=tuple(rng.choice((1.0, 0.0, -1.0, float("nan"))) for _ in range(14)),
             path=spill_path("gs://my-bucket/mimic-multimodal/v1", record_id), nbytes=271_000,
+            note_tokens=rng.randrange(150, 600),  # the report's facts: note length and the
+            clinical_missing=tuple(sorted(rng.sample(range(26), 8))),  # ~8 of 26 missing
         )
         sizes.append(len(ref_coder.encode(ref)))
     ref_bytes = sum(sizes) / len(sizes)
