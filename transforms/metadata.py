@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms import fileio, report, schema
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.errors import InputError
+from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.spill import TMP_DIR, SpillRef, tmp_dir
 from transforms.splits import (
@@ -52,7 +53,6 @@ _RUN_DIRS: tuple[str, ...] = (*SPLITS, FAILED_DIR, TMP_DIR, report.REPORT_DIR)
 # At most this many bins in the note-length histogram, whatever the data: memory stays bounded
 # and notes of a few hundred tokens still get a fine histogram under the default 8192 limit.
 NOTE_TOKEN_BINS = 1024
-_DEFAULT_MAX_TEXT_LENGTH = 8192  # the --max_text_length default, if the config lacks it
 
 _LOG = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ class WriteMetadata(beam.PTransform):
     Args:
         output_dir: local dir or gs:// URI of the dataset.
         config: the configuration recorded in metadata.json (JSON-serialisable); its
-            "max_text_length" (default 8192) sets the bins of the note-length histogram.
+            "max_text_length" (default: the notes stage's) sets the histogram's bins.
         image_size: side of the stored square images.
         feature_names: names of clinical_data's columns (default features.FEATURE_NAMES).
         label_names: names of the labels (default schema.CHEXPERT_LABELS).
@@ -455,7 +455,7 @@ class WriteMetadata(beam.PTransform):
             raise ValueError(f"report_examples must be >= 0, got {report_examples}")
         self._output_dir = output_dir.rstrip("/")
         self._report_examples = int(report_examples)
-        self._max_text_length = int(config.get("max_text_length", _DEFAULT_MAX_TEXT_LENGTH))
+        self._max_text_length = int(config.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH))
         self._settings = {
             "config": dict(config),
             "image_size": int(image_size),
