@@ -18,26 +18,24 @@ import time
 from typing import Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import (
-    DirectOptions,
-    PipelineOptions,
-    StandardOptions,
-)
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.local_runner import apply_runner_defaults, is_local
 from pipelines.malloc import limit_malloc_arenas
 from pipelines.options import DatasetConfig, DatasetOptions, config_from_options
 from transforms import fileio, schema
-from transforms.cohort import RECORDS_TAG, JoinCohort
+from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
 from transforms.images import MAIN_TAG as IMAGES_TAG
 from transforms.images import PreprocessImages
 from transforms.notes import NOTES_TAG, BuildNotes, check_text_config
 from transforms.progress import Progress
+from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger
 from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, sample_from
+from transforms.spill import REFS_TAG
 from transforms.splits import INDICES_NAME, SplitAssignment, SplitPatients, WriteIndices
 from transforms.splits import read_indices
-from transforms.subset import LimitPatients
-from transforms.tables import ReadTables, check_tables
+from transforms.tables import ReadTables, check_image_root, check_tables
 from transforms.write_chunks import SpillSamples, WriteChunks, WriteMetadata, check_output_dir
 
 SYNTHETIC_DIR_SUFFIX = "_synthetic_mimic"
@@ -63,16 +61,18 @@ def build_pipeline(
         input_roots(cfg), user_project=cfg.requester_pays_project
     )
     cohort = tables | "JoinCohort" >> JoinCohort(
-        image_root=cfg.cxr_image_root or cfg.mimic_cxr_dir,
+        image_root=image_root(cfg),
         views=cfg.views,
         aggressive_filtering=cfg.aggressive_filtering,
+        limit=cfg.limit,
+        seed=cfg.seed,
     )
     records = cohort[RECORDS_TAG]
-    if cfg.limit:
-        records = records | "LimitPatients" >> LimitPatients(cfg.limit, cfg.seed)
     assignment = records | "SplitPatients" >> SplitPatients(cfg.ratios, cfg.seed, indices)
     if cfg.compute_indices_only:
-        assignment | "WriteIndices" >> WriteIndices(fileio.join(cfg.output_dir, INDICES_NAME))
+        ledger = (tables[LEDGER_TAG], cohort[LEDGER_TAG]) | "Ledger" >> SumLedger()
+        assignment | "WriteIndices" >> WriteIndices(
+            fileio.join(cfg.output_dir, INDICES_NAME), beam.pvalue.AsDict(ledger), JOIN_TABLES)
         return
 
     progress = Progress()
@@ -96,44 +96,34 @@ def build_pipeline(
         tile_grid=cfg.clahe_tile_grid,
         requester_pays_project=cfg.requester_pays_project,
     )
-    refs = (
-        images[IMAGES_TAG]
-        | "SpillSamples" >> SpillSamples(cfg.output_dir)
-        | "LogProgress" >> progress.log()
-    )
+    spilled = images[IMAGES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
+    refs = spilled[REFS_TAG] | "LogProgress" >> progress.log()
     chunks = (refs, assignment) | "WriteChunks" >> WriteChunks(
         cfg.output_dir, cfg.chunk_size, cfg.seed
     )
     dead_letters = (
         cohort[DEAD_LETTER_TAG], notes[DEAD_LETTER_TAG], images[DEAD_LETTER_TAG]
     ) | "FlattenDeadLetters" >> beam.Flatten()
+    ledger = (
+        tables[LEDGER_TAG], cohort[LEDGER_TAG], notes[LEDGER_TAG], images[LEDGER_TAG],
+        spilled[LEDGER_TAG],
+    ) | "Ledger" >> SumLedger()
     _ = {
         "chunks": chunks,
         "refs": refs,
         "assignment": assignment,
         "dead_letters": dead_letters,
         "dropped": cohort[DROPPED_TAG],
+        "ledger": ledger,
     } | "WriteMetadata" >> WriteMetadata(
         cfg.output_dir, cfg.summary(), image_size=cfg.image_size,
-        report_examples=cfg.report_examples,
+        report_examples=cfg.report_examples, tables=JOIN_TABLES,
+        max_failed_fraction=cfg.max_failed_fraction,
     )
 
 
-def _runner_defaults(options: PipelineOptions) -> None:
-    """Local runs default to the DirectRunner with two worker threads: OpenCV and torch
-    release the GIL, so threads beat processes for image work, and they share one model.
-    Flags the user gave explicitly are kept."""
-    standard = options.view_as(StandardOptions)
-    if standard.runner is None:
-        standard.runner = "DirectRunner"
-    if not _is_local(options):
-        return
-    given = options.get_all_options(drop_default=True)
-    direct = options.view_as(DirectOptions)
-    if "direct_running_mode" not in given:
-        direct.direct_running_mode = "multi_threading"
-    if "direct_num_workers" not in given:
-        direct.direct_num_workers = 2
+def image_root(cfg: DatasetConfig) -> str:
+    return cfg.cxr_image_root or cfg.mimic_cxr_dir
 
 
 def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
@@ -183,11 +173,6 @@ def help_text() -> str:
     return parser.format_help()
 
 
-def _is_local(options: PipelineOptions) -> bool:
-    runner = options.view_as(StandardOptions).runner or ""
-    return runner in ("DirectRunner", "FnApiRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
-
-
 def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Runs Phase 1. Returns metadata.json's content once a local run completes (None for a
     submitted remote job). Raises InputError, before any work, on bad flags or inputs."""
@@ -197,11 +182,13 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         return None
     options = PipelineOptions(argv)
     cfg = config_from_options(options)
-    _runner_defaults(options)
+    apply_runner_defaults(options, argv)
     if cfg.synthetic:
         cfg = _synthetic_inputs(cfg)
     roots = input_roots(cfg)
     check_tables(roots, user_project=cfg.requester_pays_project)
+    if not cfg.compute_indices_only:
+        check_image_root(roots, image_root(cfg), cfg.views, cfg.requester_pays_project)
     indices = None
     if not cfg.compute_indices_only:
         check_text_config(cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer,
@@ -214,7 +201,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, cfg, indices)
     result = pipeline.run()
-    if not _is_local(options):
+    if not is_local(options):
         logging.info("submitted the pipeline to %s", options.view_as(StandardOptions).runner)
         return None
     result.wait_until_finish()
@@ -262,11 +249,58 @@ def main() -> None:
     limit_malloc_arenas()  # before the runner starts its worker threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoConservationTraceback())
+    sys.stderr = _StderrWithoutConservationTraceback(sys.stderr)
     try:
         run()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # noqa: BLE001: the runner wraps the commit step's error
+        line = conservation_line(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+def conservation_line(err: BaseException) -> Optional[str]:
+    """The one-line message of a ConservationError raised inside the pipeline, which the local
+    runner re-raises wrapped in its own error with the worker's traceback; None for others."""
+    if isinstance(err, ConservationError):
+        return str(err)
+    marker = ConservationError.__name__ + ": "
+    for line in reversed(str(err).splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1].split(" [while running")[0].strip()
+    return None
+
+
+class _NoConservationTraceback(logging.Filter):
+    """The runner logs a failed step's traceback before re-raising it; for a ConservationError
+    the one line printed by main() says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, ConservationError)
+                    or ConservationError.MARK in record.getMessage())
+
+
+class _StderrWithoutConservationTraceback:
+    """sys.stderr, less the tracebacks of a ConservationError that Beam's SDK worker prints
+    there itself (sdk_worker.py `print(traceback_string, file=sys.stderr)`)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if "Traceback" in text and ConservationError.MARK in text:
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":

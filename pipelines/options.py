@@ -8,6 +8,7 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.errors import InputError
+from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION
 
 DEFAULT_OUTPUT_DIR = "output"
 
@@ -35,7 +36,7 @@ class DatasetOptions(PipelineOptions):
             "--requester_pays_project", default=None,
             help="GCP project billed for reads from requester-pays buckets (PhysioNet's).")
         inputs.add_argument(
-            "--synthetic_patients", type=int, default=200,
+            "--synthetic_patients", type=int, default=400,
             help="Patients in the generated demo dataset (only used with no input dirs).")
         inputs.add_argument(
             "--synthetic_image_height", type=int, default=3056,
@@ -53,8 +54,9 @@ class DatasetOptions(PipelineOptions):
             help="Also drop records without a triage row or a chief complaint.")
         cohort.add_argument(
             "--limit", type=int, default=0,
-            help="Keep only the records of a deterministic subset of patients, about this "
-            "many records (0: all). For quick local runs of a production config.")
+            help="Keep only a deterministic subset of whole patients, about this many "
+            "records, chosen before the join (0: all). For quick local runs of a production "
+            "config.")
 
         images = parser.add_argument_group("images")
         images.add_argument(
@@ -102,6 +104,10 @@ class DatasetOptions(PipelineOptions):
             "--compute_indices_only", action="store_true", default=False,
             help="Only compute and write stratification_indices.json (no images, no text).")
         split.add_argument(
+            "--max_failed_fraction", type=float, default=DEFAULT_MAX_FAILED_FRACTION,
+            help="Largest share of the records that may fail (dead letters in failed/); "
+            "beyond it the run stops without metadata.json, naming the top reason.")
+        split.add_argument(
             "--overwrite", action="store_true", default=False,
             help="Replace an existing complete output instead of stopping.")
         split.add_argument(
@@ -143,6 +149,7 @@ class DatasetConfig:
     compute_indices_only: bool
     overwrite: bool
     report_examples: int
+    max_failed_fraction: float
 
     @property
     def synthetic(self) -> bool:
@@ -193,6 +200,9 @@ def config_from_options(options: PipelineOptions) -> DatasetConfig:
     _positive("limit", o.limit, allow_zero=True)
     _positive("synthetic_patients", o.synthetic_patients)
     _positive("report_examples", o.report_examples, allow_zero=True)
+    if not 0 <= o.max_failed_fraction <= 1:
+        raise InputError(
+            f"--max_failed_fraction must be between 0 and 1, got {o.max_failed_fraction}")
     if o.max_text_length < 8:
         raise InputError(f"--max_text_length must be >= 8, got {o.max_text_length}")
     if o.compute_indices_only and o.stratification_indices:
@@ -227,4 +237,5 @@ def config_from_options(options: PipelineOptions) -> DatasetConfig:
         compute_indices_only=o.compute_indices_only,
         overwrite=o.overwrite,
         report_examples=o.report_examples,
+        max_failed_fraction=o.max_failed_fraction,
     )

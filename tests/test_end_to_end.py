@@ -33,6 +33,7 @@ def _argv(data, out: Path, *extra: str) -> list[str]:
         "--image_size", str(IMAGE_SIZE),
         "--chunk_size", "7",
         "--max_text_length", "256",
+        "--max_failed_fraction", "0.1",  # the generator plants 4 broken files in ~70 records
         *extra,
     ]
 

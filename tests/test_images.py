@@ -19,6 +19,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms import fileio, images, records
+from transforms.ledger import LEDGER_TAG
 
 SIZES = (224, 518)
 # What a mirror sync that never fetched the LFS object leaves behind: text with a .jpg name.
@@ -351,9 +352,13 @@ def test_pipeline_splits_good_images_from_every_dead_letter_kind(
     expected_dead = [(reason, "image", reason) for reason in faulty_files]
 
     pipeline = test_pipeline.TestPipeline(options=_options())
-    good, dead = pipeline | beam.Create(samples) | images.PreprocessImages(image_size=size)
+    out = pipeline | beam.Create(samples) | images.PreprocessImages(image_size=size)
+    good, dead = out[images.MAIN_TAG], out[records.DEAD_LETTER_TAG]
     assert_that(good | "Summarise" >> beam.Map(_summary), equal_to(expected_good), label="Good")
     assert_that(dead | "Keys" >> beam.Map(_dead_key), equal_to(expected_dead), label="Dead")
+    # The ledger counts each failure where it happened, for the run's conservation check.
+    assert_that(out[LEDGER_TAG] | "Sum" >> beam.CombinePerKey(sum),
+                equal_to([(images.failed_counter(r), 1) for r in faulty_files]), label="Ledger")
     result = pipeline.run()
     result.wait_until_finish()
 
@@ -363,7 +368,7 @@ def test_pipeline_splits_good_images_from_every_dead_letter_kind(
 
     assert counter("images_processed") == 3
     for reason in faulty_files:
-        assert counter(f"images_failed_{reason}") == 1
+        assert counter(f"failed/{reason}") == 1
 
 
 def test_pipeline_output_is_the_pure_function_output(radiograph_jpegs):
@@ -405,9 +410,10 @@ def test_gcs_requester_pays_read(gcs_emulator, radiograph_jpegs, faulty_files):
         records.sample_from(make_record("absent", f"{base}/absent.jpg")),
     ]
     with test_pipeline.TestPipeline(options=_options()) as pipeline:
-        good, dead = pipeline | beam.Create(samples) | images.PreprocessImages(
+        result = pipeline | beam.Create(samples) | images.PreprocessImages(
             image_size=224, requester_pays_project="billed-project"
         )
+        good, dead = result[images.MAIN_TAG], result[records.DEAD_LETTER_TAG]
         assert_that(
             good | "Bytes" >> beam.Map(lambda s: (s["image"].tobytes(), s["image_box"].tolist())),
             equal_to([(expected.tobytes(), expected_box.tolist())]),

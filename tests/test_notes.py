@@ -15,6 +15,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.test_features import TRIAGE, make_record
+from transforms.ledger import LEDGER_TAG
 from transforms import features, fileio, knowledge, notes, records
 from transforms.errors import InputError
 
@@ -369,7 +370,8 @@ def test_build_notes_in_a_pipeline(resources) -> None:
             | "Create" >> beam.Create(inputs + [_sample(bad)])
             | "Notes" >> notes.BuildNotes(max_text_length=128, batch_size=4)
         )
-        assert set(out) == {notes.NOTES_TAG, records.DEAD_LETTER_TAG}
+        assert set(out) == {notes.NOTES_TAG, records.DEAD_LETTER_TAG, LEDGER_TAG}
+        assert_that(out[LEDGER_TAG], equal_to([(notes.FAILED_TEXT, 1)]), label="Ledger")
         assert_that(out[notes.NOTES_TAG] | "Canonical" >> beam.Map(_canonical),
                     equal_to(expected), label="Samples")
         assert_that(out[records.DEAD_LETTER_TAG], equal_to([records.DeadLetter(

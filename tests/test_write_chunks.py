@@ -22,7 +22,8 @@ from transforms.chunks.format import decode_chunk, decode_record, encode_record
 from transforms.errors import InputError
 from transforms.records import DROP_NO_ED_STAY, DROP_NOT_FRONTAL, FAIL_IMAGE_TRUNCATED, FAIL_TEXT
 from transforms.records import CohortRecord, DeadLetter
-from transforms.spill import SpillRef, spill_path, to_chunk_record
+from transforms.ledger import LEDGER_TAG, SumLedger
+from transforms.spill import REFS_TAG, SpillRef, spill_path, to_chunk_record
 from transforms.splits import SPLITS, SplitAssignment, SplitPatients, read_indices
 from transforms.write_chunks import (
     SpillSamples,
@@ -88,19 +89,27 @@ def run_pipeline(
     """Cohort -> SplitPatients; samples -> SpillSamples -> WriteChunks -> WriteMetadata."""
     samples = [make_sample(r) for r in cohort if r.record_id not in failed]
     dead = [dead_letter(r, failed[r.record_id]) for r in cohort if r.record_id in failed]
+    # What the join and the failing stages would have counted for this cohort.
+    upstream = [("cohort/not_frontal", 3), ("cohort/no_ed_stay", 1),
+                ("join/images_joined", len(cohort) + 1), ("cohort/records", len(cohort))]
+    upstream += [(f"{d.stage}/failed/{d.reason}", 1) for d in dead]
     with BeamTestPipeline(options=runner_options(*options)) as p:
         records = p | "Cohort" >> beam.Create(cohort)
         assignment = records | "Split" >> SplitPatients(RATIOS, seed, indices)
-        refs = p | "Samples" >> beam.Create(samples) | "Spill" >> SpillSamples(out)
+        spilled = p | "Samples" >> beam.Create(samples) | "Spill" >> SpillSamples(out)
+        refs = spilled[REFS_TAG]
         chunks = (refs, assignment) | "Chunks" >> WriteChunks(out, chunk_size, seed)
+        ledger = (spilled[LEDGER_TAG], p | "Upstream" >> beam.Create(upstream)) | SumLedger()
         _ = {
             "chunks": chunks,
             "refs": refs,
             "assignment": assignment,
             "dead_letters": p | "Dead" >> beam.Create(dead),
             "dropped": p | "Dropped" >> beam.Create([DROP_NOT_FRONTAL] * 3 + [DROP_NO_ED_STAY]),
+            "ledger": ledger,
         } | "Metadata" >> WriteMetadata(out, {**CONFIG, "chunk_size": chunk_size},
-                                         image_size=IMAGE, feature_names=FEATURES)
+                                         image_size=IMAGE, feature_names=FEATURES,
+                                         max_failed_fraction=1.0)
 
 
 def tree(root: Path) -> dict[str, bytes]:

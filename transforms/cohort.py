@@ -21,10 +21,10 @@ import math
 from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from transforms import fileio, records, schema
 from transforms.errors import InputError
+from transforms.ledger import LEDGER_TAG, Tally
 from transforms.tables import columns
 
 STAGE = "join"
@@ -60,6 +60,9 @@ _JOIN_COLUMNS: dict[str, tuple[str, ...]] = {
     "medrecon": ("stay_id", "charttime", "name"),
     "chexpert": ("study_id",) + schema.CHEXPERT_LABELS,
 }
+
+_NOT_FRONTAL = f"{METRICS_NAMESPACE}/{records.DROP_NOT_FRONTAL}"
+_BAD_TIME = f"{METRICS_NAMESPACE}/{records.FAIL_BAD_TIMESTAMP}"
 
 _MISSING_LABELS: tuple[float, ...] = (math.nan,) * len(schema.CHEXPERT_LABELS)
 _MS = decimal.Decimal("0.001")
@@ -181,20 +184,25 @@ class _SplitImagesFn(beam.DoFn):
             for c in ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate",
                       "StudyTime")
         )
-        self._not_frontal = Metrics.counter(METRICS_NAMESPACE, records.DROP_NOT_FRONTAL)
-        self._bad_time = Metrics.counter(METRICS_NAMESPACE, records.FAIL_BAD_TIMESTAMP)
+        self._tally = Tally([_NOT_FRONTAL, _BAD_TIME])
+
+    def start_bundle(self) -> None:
+        self._tally.start()
+
+    def finish_bundle(self):
+        yield from self._tally.flush()
 
     def process(self, row: tuple) -> Iterator[Any]:
         dicom_id, subject_id, study_id, view, date, time = (row[i] for i in self._idx)
         view = (view or "").strip().upper()
         if view not in self._views:
-            self._not_frontal.inc()
+            self._tally.inc(_NOT_FRONTAL)
             yield beam.pvalue.TaggedOutput(records.DROPPED_TAG, records.DROP_NOT_FRONTAL)
             return
         try:
             when = parse_study_datetime(date, time)
         except ValueError as err:
-            self._bad_time.inc()
+            self._tally.inc(_BAD_TIME)
             yield beam.pvalue.TaggedOutput(
                 records.DEAD_LETTER_TAG,
                 records.DeadLetter(
@@ -214,11 +222,21 @@ class _KeyBySubjectFn(beam.DoFn):
         cols = columns(name)
         self._subject = cols.index("subject_id")
         self._keep = tuple(cols.index(c) for c in _JOIN_COLUMNS[name])
+        self._set_aside = f"join/{name}_set_aside"
+        self._tally = Tally([self._set_aside])
+
+    def start_bundle(self) -> None:
+        self._tally.start()
+
+    def finish_bundle(self):
+        yield from self._tally.flush()
 
     def process(self, row: tuple, subjects: frozenset) -> Iterator[tuple[int, tuple]]:
         subject_id = row[self._subject]
         if subject_id in subjects:
             yield subject_id, pack_row(tuple(row[i] for i in self._keep))
+        else:
+            self._tally.inc(self._set_aside)
 
 
 class _LinkSubjectFn(beam.DoFn):
@@ -231,19 +249,24 @@ class _LinkSubjectFn(beam.DoFn):
     def __init__(self, aggressive_filtering: bool, image_root: str) -> None:
         self._aggressive = aggressive_filtering
         self._image_root = image_root
-        self._counters = {
-            name: Metrics.counter(METRICS_NAMESPACE, name)
-            for name in (
+        self._tally = Tally(
+            [f"{METRICS_NAMESPACE}/{name}" for name in (
                 records.DROP_NO_ED_STAY, records.DROP_NO_TRIAGE,
                 records.DROP_NO_CHIEF_COMPLAINT, RECORDS_COUNTER, "edstays_bad_time",
                 "vitalsign_bad_charttime", "medrecon_bad_charttime",
                 "admissions_bad_dischtime",
-            )
-        }
+            )]
+            + [f"join/{name}_joined" for name in ("images", *_JOIN_COLUMNS)]
+        )
+
+    def start_bundle(self) -> None:
+        self._tally.start()
+
+    def finish_bundle(self):
+        yield from self._tally.flush()
 
     def _count(self, name: str, n: int = 1) -> None:
-        if n:
-            self._counters[name].inc(n)
+        self._tally.inc(f"{METRICS_NAMESPACE}/{name}", n)
 
     def _timed(self, rows: Iterable[tuple], pos: int, counter: str) -> list:
         """(parsed time, row) for rows whose column `pos` parses, sorted; counts the rest."""
@@ -272,6 +295,8 @@ class _LinkSubjectFn(beam.DoFn):
     def process(self, element: tuple[int, dict[str, Iterable[tuple]]]) -> Iterator[Any]:
         subject_id, packed = element
         groups = {name: [unpack_row(v) for v in rows] for name, rows in packed.items()}
+        for name, rows in groups.items():
+            self._tally.inc(f"join/{name}_joined", len(rows))
         images = sorted(groups["images"], key=_order_key)
         if not images:
             return
@@ -353,8 +378,14 @@ class JoinCohort(beam.PTransform):
             DROP_NO_TRIAGE, DROP_NO_CHIEF_COMPLAINT.
         "dead_letter" (records.DEAD_LETTER_TAG): records.DeadLetter, stage "join", reason
             records.FAIL_BAD_TIMESTAMP for an unparsable StudyDate/StudyTime.
-    Every metadata row ends in exactly one of the three. Beam counters in namespace
+        "ledger" (LEDGER_TAG): the counts of `transforms.ledger` (rows joined and set aside
+            per table, images per outcome).
+    Every metadata row ends in exactly one of the first three. Beam counters in namespace
     "cohort" count each reason, the records, and table rows whose time does not parse.
+
+    With `limit`, only the whole patients chosen by `transforms.subset.ChooseSubjects`
+    (about `limit` records, by a hash of `seed`) are joined; the other images are dropped
+    as records.DROP_NOT_IN_LIMIT before the join.
     """
 
     def __init__(
@@ -363,6 +394,8 @@ class JoinCohort(beam.PTransform):
         image_root: str,
         views: Sequence[str] = ("AP", "PA"),
         aggressive_filtering: bool = False,
+        limit: int = 0,
+        seed: int = 42,
     ) -> None:
         super().__init__()
         self._views = tuple(v.strip().upper() for v in views if v.strip())
@@ -370,8 +403,12 @@ class JoinCohort(beam.PTransform):
             raise InputError(f"views must name at least one ViewPosition, got {views!r}")
         if not image_root:
             raise InputError("image_root must be a directory or gs:// URI, got nothing")
+        if limit < 0:
+            raise InputError(f"limit must be >= 0, got {limit}")
         self._image_root = image_root.rstrip("/")
         self._aggressive = aggressive_filtering
+        self._limit = int(limit)
+        self._seed = int(seed)
 
     def expand(self, tables: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
         missing = [name for name in JOIN_TABLES if name not in tables]
@@ -379,33 +416,47 @@ class JoinCohort(beam.PTransform):
             raise InputError(f"JoinCohort needs the tables {missing}")
         split = tables["metadata"] | "SplitImages" >> beam.ParDo(
             _SplitImagesFn(self._views)
-        ).with_outputs(records.DROPPED_TAG, records.DEAD_LETTER_TAG, main="images")
+        ).with_outputs(records.DROPPED_TAG, records.DEAD_LETTER_TAG, LEDGER_TAG, main="images")
         images = split.images
         subjects = beam.pvalue.AsSingleton(
             images
             | "ImageSubjects" >> beam.Keys()
             | "SubjectSet" >> beam.CombineGlobally(_ToFrozenSet())
         )
+        dropped = [split[records.DROPPED_TAG]]
+        ledgers = [split[LEDGER_TAG]]
+        if self._limit:
+            # Before the join, so only the chosen patients' rows cross it.
+            from transforms.subset import ChooseSubjects, KeepSubjects
+
+            chosen = beam.pvalue.AsSingleton(
+                (images, tables["edstays"])
+                | "ChooseSubjects" >> ChooseSubjects(self._limit, self._seed, subjects))
+            kept = images | "KeepChosen" >> KeepSubjects(chosen)
+            images, subjects = kept["images"], chosen
+            dropped.append(kept[records.DROPPED_TAG])
+            ledgers.append(kept[LEDGER_TAG])
         keyed = {"images": images}
         for name in _JOIN_COLUMNS:
-            keyed[name] = tables[name] | f"Key_{name}" >> beam.ParDo(
+            out = tables[name] | f"Key_{name}" >> beam.ParDo(
                 _KeyBySubjectFn(name), subjects=subjects
-            )
+            ).with_outputs(LEDGER_TAG, main="rows")
+            keyed[name] = out.rows
+            ledgers.append(out[LEDGER_TAG])
         linked = (
             keyed
             | "GroupBySubject" >> beam.CoGroupByKey()
             | "LinkStays" >> beam.ParDo(
                 _LinkSubjectFn(self._aggressive, self._image_root)
-            ).with_outputs(records.DROPPED_TAG, main=RECORDS_TAG)
+            ).with_outputs(records.DROPPED_TAG, LEDGER_TAG, main=RECORDS_TAG)
         )
-        dropped = (
-            split[records.DROPPED_TAG],
-            linked[records.DROPPED_TAG],
-        ) | "AllDropped" >> beam.Flatten()
+        dropped.append(linked[records.DROPPED_TAG])
+        ledgers.append(linked[LEDGER_TAG])
         return {
             RECORDS_TAG: linked[RECORDS_TAG],
-            records.DROPPED_TAG: dropped,
+            records.DROPPED_TAG: tuple(dropped) | "AllDropped" >> beam.Flatten(),
             records.DEAD_LETTER_TAG: split[records.DEAD_LETTER_TAG],
+            LEDGER_TAG: tuple(ledgers) | "JoinLedger" >> beam.Flatten(),
         }
 
 

@@ -35,6 +35,7 @@ from apache_beam.metrics import Metrics
 from PIL import Image, UnidentifiedImageError
 
 from transforms import fileio, records
+from transforms.ledger import LEDGER_TAG, Tally
 
 STAGE = "image"
 MAIN_TAG = "samples"
@@ -253,6 +254,11 @@ def preprocess_image(
     return image, box
 
 
+def failed_counter(reason: str) -> str:
+    """The counter (and ledger entry) of the records that failed here for `reason`."""
+    return f"{STAGE}/failed/{reason}"
+
+
 class _PreprocessImageFn(beam.DoFn):
     """Sample dict -> the same sample with "image" and "image_box" added, or a DeadLetter."""
 
@@ -270,15 +276,21 @@ class _PreprocessImageFn(beam.DoFn):
         self._tile_grid = tile_grid
         self._project = requester_pays_project
         self._processed = Metrics.counter(STAGE, "images_processed")
-        self._failed = {r: Metrics.counter(STAGE, f"images_failed_{r}") for r in _REASONS}
+        self._tally = Tally([failed_counter(r) for r in _REASONS])
 
     def setup(self) -> None:
         # Each worker thread already keeps a core busy; OpenCV's own thread pool on top of that
         # only adds contention for resize and CLAHE on images this small.
         cv2.setNumThreads(1)
 
+    def start_bundle(self) -> None:
+        self._tally.start()
+
+    def finish_bundle(self):
+        yield from self._tally.flush()
+
     def _dead(self, record: records.CohortRecord, reason: str, detail: str):
-        self._failed[reason].inc()
+        self._tally.inc(failed_counter(reason))
         return beam.pvalue.TaggedOutput(
             records.DEAD_LETTER_TAG, records.DeadLetter.of(record, STAGE, reason, detail)
         )
@@ -317,9 +329,11 @@ class PreprocessImages(beam.PTransform):
     Dead-letter output (tag records.DEAD_LETTER_TAG): records.DeadLetter with stage "image"
     and reason FAIL_IMAGE_MISSING, _EMPTY, _TRUNCATED, _NOT_AN_IMAGE or _UNREADABLE.
 
-    Returns a DoOutputsTuple: `good, dead = samples | PreprocessImages()`, or
-    `result[MAIN_TAG]` and `result[records.DEAD_LETTER_TAG]`. Counters (namespace "image"):
-    images_processed and images_failed_<reason>.
+    Ledger output (tag LEDGER_TAG): the failures counted (`transforms.ledger`).
+
+    Returns a DoOutputsTuple: `result[MAIN_TAG]`, `result[records.DEAD_LETTER_TAG]` and
+    `result[LEDGER_TAG]`. Counters (namespace "image"): images_processed and
+    failed/<reason>.
 
     Errors that are not per-record (permission denied, a requester-pays bucket read without
     a billing project) raise and fail the pipeline, rather than dead-lettering every record.
@@ -345,5 +359,5 @@ class PreprocessImages(beam.PTransform):
 
     def expand(self, samples: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
         return samples | "DecodeAndLetterbox" >> beam.ParDo(self._fn).with_outputs(
-            records.DEAD_LETTER_TAG, main=MAIN_TAG
+            records.DEAD_LETTER_TAG, LEDGER_TAG, main=MAIN_TAG
         )

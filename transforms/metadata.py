@@ -28,6 +28,8 @@ from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import fileio, report, schema
+from transforms import ledger as ledger_names
+from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, check_conservation
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.errors import InputError
 from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
@@ -365,14 +367,42 @@ def _split_of_ref(ref: SpillRef, assignment: SplitAssignment) -> tuple[str, Spil
     return assignment.split_of(ref.subject_id), ref
 
 
-class _CommitFn(beam.DoFn):
-    """Publishes failed/, the indices, the report and metadata.json (last), then drops the
-    temporaries."""
+def check_failed_fraction(
+    dead: Sequence[DeadLetter], records: int, max_failed_fraction: float
+) -> None:
+    """The loss guard: more failed records than `max_failed_fraction` of the cohort (or an
+    empty cohort) fails the run before it commits.
 
-    def __init__(self, output_dir: str, settings: dict, report_examples: int) -> None:
+    Raises:
+        ConservationError: one line with the counts, the top reason and an example path.
+    """
+    if records <= 0:
+        raise ConservationError(
+            "the cohort is empty: no frontal image links to an ED stay; nothing was committed")
+    failed = [d for d in dead if d.stage != "join"]  # bad timestamps are not records
+    if len(failed) <= max_failed_fraction * records:
+        return
+    reasons = collections.Counter(d.reason for d in failed)
+    reason, n = min(reasons.items(), key=lambda item: (-item[1], item[0]))
+    first = min((d for d in failed if d.reason == reason), key=lambda d: d.record_id)
+    example = first.detail.rsplit(": ", 1)[-1]
+    raise ConservationError(
+        f"{len(failed)} of {records} records failed ({len(failed) / records:.1%} > "
+        f"--max_failed_fraction {max_failed_fraction:g}); top reason {reason} ({n}), e.g. "
+        f"{example}; see {FAILED_DIR}/; nothing was committed")
+
+
+class _CommitFn(beam.DoFn):
+    """Checks the run's ledger, then publishes failed/, the indices, the report and
+    metadata.json (last), then drops the temporaries."""
+
+    def __init__(self, output_dir: str, settings: dict, report_examples: int,
+                 tables: Sequence[str], max_failed_fraction: float) -> None:
         self._output_dir = output_dir
         self._settings = settings
         self._report_examples = report_examples
+        self._tables = tuple(tables)
+        self._max_failed_fraction = max_failed_fraction
 
     def process(
         self,
@@ -381,7 +411,19 @@ class _CommitFn(beam.DoFn):
         dead: list[DeadLetter],
         dropped: list[tuple[str, int]],
         assignment: SplitAssignment,
+        ledger: dict[str, int],
     ) -> Iterable[dict]:
+        check_conservation({
+            **ledger,
+            ledger_names.ARRIVED_CHUNK_RECORDS: sum(c.records for c in chunks),
+            ledger_names.ARRIVED_SPLIT_RECORDS: sum(s["records"] for s in stats.values()),
+            ledger_names.ARRIVED_DEAD_LETTERS: len(dead),
+            ledger_names.ARRIVED_DROPPED: sum(n for _, n in dropped),
+            ledger_names.ARRIVED_ASSIGNED_RECORDS: assignment.records,
+        }, self._tables)
+        out = self._output_dir
+        fileio.write_bytes(fileio.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
+        check_failed_fraction(dead, ledger.get("cohort/records", 0), self._max_failed_fraction)
         meta = build_metadata(
             chunks=chunks,
             stats=stats,
@@ -390,8 +432,6 @@ class _CommitFn(beam.DoFn):
             assignment=assignment,
             **self._settings,
         )
-        out = self._output_dir
-        fileio.write_bytes(fileio.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
         fileio.write_bytes(fileio.join(out, INDICES_NAME), indices_bytes(assignment))
         # Temporary names of writes that a retried bundle abandoned.
         leftovers = [
@@ -420,7 +460,11 @@ class WriteMetadata(beam.PTransform):
         "assignment": the one-element `SplitAssignment` PCollection (`SplitPatients`).
         "dead_letters": `records.DeadLetter` of every stage, flattened.
         "dropped": the reason string of every image that is not a record (`JoinCohort`).
-    Output: the metadata.json document (one dict), once it is written.
+        "ledger": (name, total) of every stage's ledger (`transforms.ledger.SumLedger`).
+    Output: the metadata.json document (one dict), once it is written. Before anything is
+    published the ledger must add up (`transforms.ledger.check_conservation`) and at most
+    `max_failed_fraction` of the records may have failed (`check_failed_fraction`);
+    otherwise the step raises ConservationError and no metadata.json is written.
 
     Args:
         output_dir: local dir or gs:// URI of the dataset.
@@ -431,9 +475,11 @@ class WriteMetadata(beam.PTransform):
         label_names: names of the labels (default schema.CHEXPERT_LABELS).
         report_examples: example records per split shown in the report (image thumbnail and
             the start of the note: patient data). 0, the default, shows none.
+        tables: the tables the join read (their rows-read counts must be in the ledger).
+        max_failed_fraction: the largest share of the records that may fail (dead letters).
     """
 
-    INPUTS = ("chunks", "refs", "assignment", "dead_letters", "dropped")
+    INPUTS = ("chunks", "refs", "assignment", "dead_letters", "dropped", "ledger")
 
     def __init__(
         self,
@@ -444,8 +490,14 @@ class WriteMetadata(beam.PTransform):
         feature_names: Optional[Sequence[str]] = None,
         label_names: Sequence[str] = schema.CHEXPERT_LABELS,
         report_examples: int = 0,
+        tables: Sequence[str] = (),
+        max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     ) -> None:
         super().__init__()
+        if not 0 <= max_failed_fraction <= 1:
+            raise ValueError(f"max_failed_fraction must be in [0, 1], got {max_failed_fraction}")
+        self._tables = tuple(tables)
+        self._max_failed_fraction = float(max_failed_fraction)
         if feature_names is None:
             from transforms.features import FEATURE_NAMES
 
@@ -484,10 +536,12 @@ class WriteMetadata(beam.PTransform):
             inputs["chunks"]
             | "AllChunks" >> beam.combiners.ToList()
             | "Commit" >> beam.ParDo(
-                _CommitFn(self._output_dir, self._settings, self._report_examples),
+                _CommitFn(self._output_dir, self._settings, self._report_examples,
+                          self._tables, self._max_failed_fraction),
                 beam.pvalue.AsSingleton(stats),
                 beam.pvalue.AsSingleton(dead),
                 beam.pvalue.AsSingleton(dropped),
                 assignment,
+                beam.pvalue.AsDict(inputs["ledger"]),
             )
         )

@@ -42,10 +42,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 from transforms import features, knowledge, records
 from transforms.errors import InputError
 from transforms.knowledge import KnowledgeRetriever, Snippet
+from transforms.ledger import LEDGER_TAG, Tally
 
 STAGE = "text"
 NOTES_TAG = "samples"
 METRICS_NAMESPACE = "notes"
+FAILED_TEXT = f"{METRICS_NAMESPACE}/failed/{records.FAIL_TEXT}"
 DEFAULT_MAX_TEXT_LENGTH = 8192
 DEFAULT_BATCH_SIZE = 32
 
@@ -419,7 +421,7 @@ class _BuildNotesFn(beam.DoFn):
         self._top_k = top_k
         self._batch_size = batch_size
         self._built = Metrics.counter(METRICS_NAMESPACE, "notes_built")
-        self._failed = Metrics.counter(METRICS_NAMESPACE, records.FAIL_TEXT)
+        self._tally = Tally([FAILED_TEXT])
         self._cache_hits = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_hits")
         self._cache_misses = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_misses")
 
@@ -430,6 +432,7 @@ class _BuildNotesFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._buffer: list[tuple[dict, Any, Any]] = []
+        self._tally.start()
 
     def process(self, sample: dict[str, Any], window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
@@ -439,6 +442,7 @@ class _BuildNotesFn(beam.DoFn):
 
     def finish_bundle(self) -> Iterator[Any]:
         yield from self._flush()
+        yield from self._tally.flush()
 
     def _flush(self) -> Iterator[Any]:
         batch, self._buffer = self._buffer, []
@@ -447,7 +451,7 @@ class _BuildNotesFn(beam.DoFn):
         stats = BuildStats()
         results = self._builder.build([sample for sample, _, _ in batch], stats)
         self._built.inc(stats.built)
-        self._failed.inc(stats.failed)
+        self._tally.inc(FAILED_TEXT, stats.failed)
         self._cache_hits.inc(stats.cache["hits"])
         self._cache_misses.inc(stats.cache["misses"])
         for (_, window, timestamp), result in zip(batch, results):
@@ -497,7 +501,8 @@ class BuildNotes(beam.PTransform):
         "dead_letter" (records.DEAD_LETTER_TAG): records.DeadLetter, stage "text", reason
             records.FAIL_TEXT, for a record whose text is malformed (e.g. not valid Unicode);
             the detail is the exception type, never the text.
-    Every input leaves in exactly one of the two. Beam counters in namespace "notes".
+        "ledger" (LEDGER_TAG): the failures counted (`transforms.ledger`).
+    Every input leaves in exactly one of the first two. Beam counters in namespace "notes".
 
     Args:
         embedding_model: sentence-transformers folder, local or gs:// (default: offline
@@ -530,9 +535,10 @@ class BuildNotes(beam.PTransform):
     def expand(self, samples: beam.PCollection) -> dict[str, beam.PCollection]:
         built = samples | "BuildText" >> beam.ParDo(
             _BuildNotesFn(*self._fn_args)
-        ).with_outputs(records.DEAD_LETTER_TAG, main=NOTES_TAG)
+        ).with_outputs(records.DEAD_LETTER_TAG, LEDGER_TAG, main=NOTES_TAG)
         return {
             NOTES_TAG: built[NOTES_TAG],
             records.DEAD_LETTER_TAG: built[records.DEAD_LETTER_TAG],
+            LEDGER_TAG: built[LEDGER_TAG],
         }
 

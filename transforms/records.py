@@ -16,7 +16,9 @@ DROP_NOT_FRONTAL = "not_frontal"
 DROP_NO_ED_STAY = "no_ed_stay"
 DROP_NO_TRIAGE = "no_triage"  # only with --aggressive_filtering
 DROP_NO_CHIEF_COMPLAINT = "no_chief_complaint"  # only with --aggressive_filtering
-DROP_REASONS = (DROP_NOT_FRONTAL, DROP_NO_ED_STAY, DROP_NO_TRIAGE, DROP_NO_CHIEF_COMPLAINT)
+DROP_NOT_IN_LIMIT = "not_in_limit"  # only with --limit: the patient was not chosen
+DROP_REASONS = (DROP_NOT_FRONTAL, DROP_NO_ED_STAY, DROP_NO_TRIAGE, DROP_NO_CHIEF_COMPLAINT,
+                DROP_NOT_IN_LIMIT)
 
 # Why a record failed processing (dead letters).
 FAIL_IMAGE_MISSING = "image_missing"

@@ -22,6 +22,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import fileio
 from transforms.chunks.format import encode_record
+from transforms.ledger import LEDGER_TAG, Tally
 from transforms.records import CohortRecord
 from transforms.splits import record_stratum
 
@@ -104,20 +105,30 @@ def missing_features(clinical_mask: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(~np.asarray(clinical_mask, dtype=np.bool_)))
 
 
+REFS_TAG = "refs"
+SPILLED = "spill/records_spilled"
+
+
 class _SpillFn(beam.DoFn):
     def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir
 
     def setup(self) -> None:
-        self._spilled = Metrics.counter("spill", "records_spilled")
+        self._tally = Tally([SPILLED])
         self._bytes = Metrics.counter("spill", "bytes_spilled")
+
+    def start_bundle(self) -> None:
+        self._tally.start()
+
+    def finish_bundle(self):
+        yield from self._tally.flush()
 
     def process(self, sample: dict) -> Iterator[SpillRef]:
         cohort: CohortRecord = sample["cohort"]
         data = encode_record(to_chunk_record(sample, split=""))
         path = spill_path(self._output_dir, cohort.record_id)
         fileio.write_bytes(path, data)
-        self._spilled.inc()
+        self._tally.inc(SPILLED)
         self._bytes.inc(len(data))
         yield SpillRef(
             record_id=cohort.record_id,
@@ -137,7 +148,8 @@ class SpillSamples(beam.PTransform):
 
     Input: preprocessed sample dicts (see `to_chunk_record`), on the fused path right after
         the last preprocessing stage.
-    Output: `SpillRef`, one per sample. No dead letters: a sample the chunk format rejects
+    Output: a DoOutputsTuple: `SpillRef`s, one per sample (`result[REFS_TAG]`), and the
+        records spilled (`result[LEDGER_TAG]`, see `transforms.ledger`). No dead letters: a sample the chunk format rejects
         (wrong dtype or shape) is a programming error and fails the pipeline (ValueError), and
         storage errors are left to the runner's retries (the write is idempotent).
 
@@ -150,4 +162,5 @@ class SpillSamples(beam.PTransform):
         self._output_dir = output_dir.rstrip("/")
 
     def expand(self, samples: beam.PCollection) -> beam.PCollection:
-        return samples | "SpillRecord" >> beam.ParDo(_SpillFn(self._output_dir))
+        return samples | "SpillRecord" >> beam.ParDo(_SpillFn(self._output_dir)).with_outputs(
+            LEDGER_TAG, main=REFS_TAG)

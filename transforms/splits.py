@@ -84,12 +84,15 @@ class SplitAssignment:
         ratios: (train, val, test) shares (the indices file's when reused).
         patients_not_in_indices: with reused indices, the patients the file did not hold
             (assigned by `hash_split`); None when the split was computed here.
+        records: how many records the assignment was made from (the conservation check
+            compares it with the join's count); None when read from a file.
     """
 
     splits: Mapping[int, str]
     seed: int
     ratios: tuple[float, float, float]
     patients_not_in_indices: Optional[int] = None
+    records: Optional[int] = dataclasses.field(default=None, compare=False)
 
     @property
     def reused(self) -> bool:
@@ -258,10 +261,13 @@ def make_assignment(
     indices: Optional[SplitAssignment] = None,
 ) -> SplitAssignment:
     """The split of every patient: computed here, or reused from `indices` when given."""
+    patients = list(patients)
+    n_records = sum(p.n_records for p in patients)
     if indices is not None:
-        return reuse_splits(patients, indices)
+        return dataclasses.replace(reuse_splits(patients, indices), records=n_records)
     splits = assign_splits(patients, ratios, seed)
-    return SplitAssignment(dict(sorted(splits.items())), seed, check_ratios(ratios))
+    return SplitAssignment(dict(sorted(splits.items())), seed, check_ratios(ratios),
+                           records=n_records)
 
 
 def indices_bytes(assignment: SplitAssignment) -> bytes:
@@ -394,15 +400,30 @@ class WriteIndices(beam.PTransform):
 
     Input: the one-element `SplitAssignment` PCollection of `SplitPatients`.
     Output: the path written (one element).
+
+    Args:
+        path: where the file goes.
+        ledger: the join's summed ledger (`transforms.ledger`) as an AsDict side input: the
+            file is written only if the join's counts add up.
+        tables: the tables the join read.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, ledger=None, tables: Sequence[str] = ()) -> None:
         super().__init__()
         self._path = path
+        self._ledger = ledger
+        self._tables = tuple(tables)
 
     def expand(self, assignment: beam.PCollection) -> beam.PCollection:
-        return assignment | "WriteIndicesFile" >> beam.Map(self._write)
+        if self._ledger is None:
+            return assignment | "WriteIndicesFile" >> beam.Map(self._write)
+        return assignment | "WriteIndicesFile" >> beam.Map(self._write, self._ledger)
 
-    def _write(self, assignment: SplitAssignment) -> str:
+    def _write(self, assignment: SplitAssignment, ledger=None) -> str:
+        if ledger is not None:
+            from transforms.ledger import ARRIVED_ASSIGNED_RECORDS, check_conservation
+
+            check_conservation({**ledger, ARRIVED_ASSIGNED_RECORDS: assignment.records},
+                               self._tables, committed=False)
         write_indices(self._path, assignment)
         return self._path

@@ -34,6 +34,7 @@ import apache_beam as beam
 
 from transforms import fileio, schema
 from transforms.errors import InputError
+from transforms.ledger import LEDGER_TAG, Tally
 
 # Columns parsed as integers while reading (blank allowed only where NULLABLE_IDS says so).
 ID_COLUMNS = frozenset({"subject_id", "hadm_id", "stay_id", "study_id"})
@@ -186,6 +187,51 @@ def _checked_exists(spec: schema.TableSpec, path: str, user_project: Optional[st
         ) from err
 
 
+IMAGE_SAMPLE = 20  # frontal images whose files are checked before any work
+
+
+def check_image_root(
+    roots: dict[str, str],
+    image_root: str,
+    views: Iterable[str],
+    user_project: Optional[str] = None,
+    sample: int = IMAGE_SAMPLE,
+) -> None:
+    """Fails fast when the images are not where the run will read them (a wrong or empty
+    --cxr_image_root would otherwise make every record a dead letter).
+
+    Checks the files of the first `sample` frontal images of the metadata table; one found is
+    enough (a few missing files are dead letters, not a wrong root).
+
+    Raises:
+        InputError: none of the sampled images exists, naming the root and one path.
+    """
+    spec = schema.TABLES["metadata"]
+    frontal = {v.strip().upper() for v in views}
+    cols = columns("metadata")
+    at = {c: cols.index(c) for c in ("dicom_id", "subject_id", "study_id", "ViewPosition")}
+    paths = []
+    for row in iter_rows(spec, table_path(spec, roots), user_project):
+        if (row[at["ViewPosition"]] or "").strip().upper() in frontal:
+            relpath = schema.image_relpath(row[at["subject_id"]], row[at["study_id"]],
+                                           row[at["dicom_id"]])
+            paths.append(fileio.join(image_root.rstrip("/"), relpath))
+            if len(paths) >= sample:
+                break
+    if not paths:
+        return  # no frontal image at all: the cohort is empty, which the run reports
+    try:
+        if any(table_exists(path, user_project) for path in paths):
+            return
+    except _storage_errors() + (OSError,) as err:
+        raise InputError(
+            f"cannot check the images under {image_root}: {type(err).__name__}: {err}"
+        ) from err
+    raise InputError(
+        f"none of the first {len(paths)} frontal images of the metadata table is under the "
+        f"image root {image_root} (e.g. {paths[0]}): check --cxr_image_root / --mimic_cxr_dir")
+
+
 def parse_int(value: str) -> int:
     """An integer id as written by MIMIC's exports ("123", or "123.0" from float columns).
 
@@ -299,20 +345,33 @@ class _ReadCsvFn(beam.DoFn):
     def __init__(self, spec: schema.TableSpec, user_project: Optional[str]) -> None:
         self._spec = spec
         self._user_project = user_project
-        self._rows = beam.metrics.Metrics.counter("tables", f"{spec.name}_rows")
+        self._counter = rows_counter(spec.name)
+        self._tally = Tally([self._counter])
+
+    def start_bundle(self) -> None:
+        self._tally.start()
 
     def process(self, path: str) -> Iterator[tuple[Any, ...]]:
         for row in iter_rows(self._spec, path, self._user_project):
-            self._rows.inc()
+            self._tally.inc(self._counter)
             yield row
+
+    def finish_bundle(self):
+        yield from self._tally.flush()
+
+
+def rows_counter(name: str) -> str:
+    """The counter (and ledger entry) of the rows read from table `name`."""
+    return f"tables/{name}_rows"
 
 
 class ReadTable(beam.PTransform):
     """Reads one table file.
 
-    Input: the pipeline (PBegin). Output: a PCollection of tuples of `columns(spec.name)`
-    (ids as int, CheXpert labels as float, other blanks None, other values raw strings);
-    with `reshuffle`, redistributed so heavy work after it spreads over workers. No dead
+    Input: the pipeline (PBegin). Output: a dict: "rows", a PCollection of tuples of
+    `columns(spec.name)` (ids as int, CheXpert labels as float, other blanks None, other values
+    raw strings), with `reshuffle` redistributed so heavy work after it spreads over workers;
+    and LEDGER_TAG, the rows read (`transforms.ledger`). No dead
     letters: a malformed table fails the pipeline with an InputError naming the file, line
     and column.
     """
@@ -331,21 +390,24 @@ class ReadTable(beam.PTransform):
         self._user_project = user_project or None
 
     def expand(self, pbegin):
-        rows = (
+        read = (
             pbegin
             | "Path" >> beam.Create([self._path])
-            | "Rows" >> beam.ParDo(_ReadCsvFn(self._spec, self._user_project))
+            | "Rows" >> beam.ParDo(_ReadCsvFn(self._spec, self._user_project)).with_outputs(
+                LEDGER_TAG, main="rows")
         )
+        rows = read.rows
         if self._reshuffle:
             rows = rows | "Spread" >> beam.Reshuffle()
-        return rows
+        return {"rows": rows, LEDGER_TAG: read[LEDGER_TAG]}
 
 
 class ReadTables(beam.PTransform):
     """Reads the input tables.
 
     Input: the pipeline (PBegin). Output: dict table name -> PCollection of compact row
-    tuples (see ReadTable). Call `check_tables(roots, names)` before building the pipeline,
+    tuples (see ReadTable), and LEDGER_TAG -> the rows read per table. Call
+    `check_tables(roots, names)` before building the pipeline,
     so a missing file or column fails before any work.
     """
 
@@ -366,7 +428,7 @@ class ReadTables(beam.PTransform):
             raise InputError(f"unknown tables {unknown}; known: {sorted(schema.TABLES)}")
 
     def expand(self, pbegin) -> dict[str, beam.PCollection]:
-        return {
+        read = {
             name: pbegin
             | f"Read_{name}"
             >> ReadTable(
@@ -377,4 +439,8 @@ class ReadTables(beam.PTransform):
             )
             for name in self._names
         }
+        tables = {name: out["rows"] for name, out in read.items()}
+        tables[LEDGER_TAG] = (
+            tuple(out[LEDGER_TAG] for out in read.values()) | "RowsRead" >> beam.Flatten())
+        return tables
 

@@ -1,0 +1,133 @@
+"""Exactness, memory and time at MIMIC's full size, against the generator's own answer.
+
+Join-only: `--runs` consecutive `--compute_indices_only` runs of the default local runner on
+a full-size synthetic dataset (`python -m pipelines.synthetic_mimic --scale mimic
+--no_images`), the first `--cold` of them after dropping the page cache (root only). Each run:
+wall time, peak RSS of the whole process tree, whether stratification_indices.json is
+byte-identical to the first run's, and whether its patient set equals the answer's
+(`answer/cohort.csv.gz`, written by the generator without any pipeline code).
+
+End to end (`--end_to_end`, on a dataset generated with images): one full run; the record ids
+of the written chunks and failed/ must be exactly the answer's dicom_ids.
+
+    .venv/bin/python -m pipelines.synthetic_mimic --scale mimic --no_images --output_dir /work/fullsize
+    .venv/bin/python benchmarks/bench_full_size.py --data /work/fullsize --runs 5 --cold 2
+    .venv/bin/python benchmarks/bench_full_size.py --data /work/fullsize_img --end_to_end
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.memory import run_measured  # noqa: E402
+
+
+def answer(data: Path) -> tuple[set[str], set[int]]:
+    """The generator's linked dicom_ids and their patients."""
+    with gzip.open(data / "answer" / "cohort.csv.gz", "rt", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {r["dicom_id"] for r in rows}, {int(r["subject_id"]) for r in rows}
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.build_dataset",
+            "--mimic_iv_dir", str(data / "mimic-iv"), "--mimic_ed_dir", str(data / "mimic-iv-ed"),
+            "--mimic_cxr_dir", str(data / "mimic-cxr-jpg"), "--output_dir", str(out), *extra]
+
+
+def join_runs(data: Path, work: Path, runs: int, cold: int, extra: list[str]) -> int:
+    _, patients = answer(data)
+    first_digest, failures = None, 0
+    print(f"answer: {len(patients)} patients")
+    for run in range(runs):
+        out = work / f"join-{run}"
+        shutil.rmtree(out, ignore_errors=True)
+        cache = "cold" if run < cold and drop_caches() else "warm"
+        code, wall, peak = run_measured(_command(data, out, "--compute_indices_only", *extra),
+                                        str(work / f"join-{run}.log"))
+        indices = out / "stratification_indices.json"
+        if code != 0 or not indices.exists():
+            failures += 1
+            print(f"run {run + 1} ({cache}): FAILED exit {code}, {wall:.1f} s, peak "
+                  f"{peak / 2**30:.2f} GB; see {work / f'join-{run}.log'}")
+            continue
+        data_bytes = indices.read_bytes()
+        digest = hashlib.sha256(data_bytes).hexdigest()
+        first_digest = first_digest or digest
+        found = {int(s) for s in json.loads(data_bytes)["patients"]}
+        exact = found == patients
+        failures += not exact or digest != first_digest
+        print(f"run {run + 1} ({cache}): {wall:.1f} s, peak {peak / 2**30:.2f} GB, "
+              f"{len(found)} patients, {'exact' if exact else 'NOT EXACT'} "
+              f"(missing {len(patients - found)}, extra {len(found - patients)}), "
+              f"indices {'identical' if digest == first_digest else 'DIFFER'} "
+              f"(sha256 {digest[:12]})")
+    return failures
+
+
+def end_to_end(data: Path, work: Path, extra: list[str]) -> int:
+    import torch
+
+    dicom_ids, _ = answer(data)
+    out = work / "e2e"
+    shutil.rmtree(out, ignore_errors=True)
+    code, wall, peak = run_measured(_command(data, out, *extra), str(work / "e2e.log"))
+    print(f"end to end: exit {code}, {wall:.1f} s ({wall / 60:.1f} min), peak "
+          f"{peak / 2**30:.2f} GB; log {work / 'e2e.log'}")
+    if code != 0:
+        return 1
+    meta = json.loads((out / "metadata.json").read_text())
+    written = []
+    for chunk in meta["chunks"]:
+        loaded = torch.load(out / chunk["path"], weights_only=True, mmap=True)
+        written += loaded["record_id"]
+    failed = [json.loads(line)["record_id"]
+              for line in (out / "failed" / "failed-00000-of-00001.jsonl").read_text().splitlines()]
+    found = set(written) | set(failed)
+    exact = found == dicom_ids and len(written) + len(failed) == len(found)
+    print(f"records: {len(written)} written + {len(failed)} failed = {len(found)}; answer "
+          f"{len(dicom_ids)}: {'exact' if exact else 'NOT EXACT'} (missing "
+          f"{len(dicom_ids - found)}, extra {len(found - dicom_ids)})")
+    print(f"rate end to end: {len(written) / wall:.1f} records/s; progress lines in the log "
+          "give the sustained preprocessing rate")
+    return 0 if exact else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="generated dataset root")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_full_size"))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cold", type=int, default=2, help="runs after dropping the cache")
+    parser.add_argument("--end_to_end", action="store_true")
+    args, extra = parser.parse_known_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"python {' '.join(sys.argv)}  ({os.cpu_count()} cores)")
+    if args.end_to_end:
+        return end_to_end(args.data, args.work, extra)
+    return 1 if join_runs(args.data, args.work, args.runs, args.cold, extra) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
