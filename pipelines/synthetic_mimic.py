@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import bisect
 import dataclasses
 import datetime as dt
 import gzip
 import io
+import itertools
+import json
 import logging
 import math
 import random
@@ -65,6 +68,29 @@ _ROOT_SUBDIRS = {
     schema.MIMIC_CXR: MIMIC_CXR_SUBDIR,
 }
 
+
+class _Weighted:
+    """A weighted choice prepared once: `pick` draws as `rng.choices(values, weights)[0]` does.
+
+    The same single `rng.random()` call and the same bisection over the same cumulative sums,
+    so results are identical to `random.choices`, without rebuilding the sums on every draw.
+    """
+
+    def __init__(self, weighted: Sequence[tuple[Any, float]]) -> None:
+        self.values, weights = zip(*weighted)
+        self.cumulative = list(itertools.accumulate(weights))
+        self.total = self.cumulative[-1] + 0.0
+        self.mean = (
+            sum(v * w for v, w in weighted) / self.total
+            if all(isinstance(v, (int, float)) for v in self.values) else math.nan
+        )
+
+    def pick(self, rng: random.Random) -> Any:
+        return self.values[
+            bisect.bisect(self.cumulative, rng.random() * self.total, 0, len(self.values) - 1)
+        ]
+
+
 FRONTAL_VIEWS = ("AP", "PA")
 _SUBJECT_RANGE = (10000032, 19999999)
 _STUDY_RANGE = (50000000, 59999999)
@@ -73,35 +99,35 @@ _HADM_RANGE = (20000000, 29999999)
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 # Weighted choices: (value, weight). Weights follow the published tables roughly.
-_VIEWS = (
+_VIEWS = _Weighted((
     ("AP", 39.0), ("PA", 25.0), ("LATERAL", 22.0), ("LL", 9.0), ("", 4.0),
     ("AP AXIAL", 0.3), ("PA LLD", 0.2), ("AP LLD", 0.2), ("LAO", 0.1), ("RAO", 0.1),
     ("XTABLE LATERAL", 0.1),
-)
+))
 _VIEW_CODE_MEANING = {
     "AP": "antero-posterior", "PA": "postero-anterior", "LATERAL": "lateral",
     "LL": "left lateral", "AP AXIAL": "antero-posterior", "PA LLD": "postero-anterior",
     "AP LLD": "antero-posterior", "LAO": "left anterior oblique",
     "RAO": "right anterior oblique", "XTABLE LATERAL": "lateral", "": "",
 }
-_STAYS_PER_PATIENT = ((1, 45), (2, 30), (3, 15), (4, 10))
-_IMAGES_PER_STUDY = ((1, 30), (2, 50), (3, 20))
-_GENDERS = (("F", 52), ("M", 48))
-_RACES = (
+_STAYS_PER_PATIENT = _Weighted(((1, 45), (2, 30), (3, 15), (4, 10)))
+_IMAGES_PER_STUDY = _Weighted(((1, 30), (2, 50), (3, 20)))
+_GENDERS = _Weighted((("F", 52), ("M", 48)))
+_RACES = _Weighted((
     ("WHITE", 58), ("BLACK/AFRICAN AMERICAN", 18), ("HISPANIC/LATINO - PUERTO RICAN", 3),
     ("HISPANIC OR LATINO", 3), ("ASIAN", 3), ("ASIAN - CHINESE", 1.5),
     ("WHITE - OTHER EUROPEAN", 2), ("BLACK/CAPE VERDEAN", 1.5), ("OTHER", 4), ("UNKNOWN", 4),
     ("UNABLE TO OBTAIN", 1), ("PATIENT DECLINED TO ANSWER", 1),
-)
-_ARRIVAL = (
+))
+_ARRIVAL = _Weighted((
     ("WALK IN", 52), ("AMBULANCE", 40), ("UNKNOWN", 6), ("OTHER", 1.5), ("HELICOPTER", 0.5),
-)
-_DISPOSITIONS = (
+))
+_DISPOSITIONS = _Weighted((
     ("ADMITTED", 46), ("HOME", 44), ("TRANSFER", 3), ("LEFT WITHOUT BEING SEEN", 1.5),
     ("LEFT AGAINST MEDICAL ADVICE", 1.5), ("ELOPED", 1.2), ("OTHER", 2.5), ("EXPIRED", 0.3),
-)
+))
 _ANCHOR_YEAR_GROUPS = ("2008 - 2010", "2011 - 2013", "2014 - 2016", "2017 - 2019", "2020 - 2022")
-_CHIEF_COMPLAINTS = (
+_CHIEF_COMPLAINTS = _Weighted((
     ("Dyspnea", 8), ("Chest pain", 8), ("SOB", 6), ("Cough, Fever", 3), ("Abd pain", 6),
     ("s/p Fall", 6), ("Weakness", 4), ("Transfer", 4), ("Fever", 3),
     ("Altered mental status", 3),
@@ -112,17 +138,19 @@ _CHIEF_COMPLAINTS = (
     ("Hematemesis", 0.5),
     ("SI", 0.8), ("Hyperglycemia", 0.5), ("Tachycardia", 0.5), ("L Leg pain", 0.5),
     ("Chest pain, Dyspnea", 1), ("BRBPR", 0.4), ("Pneumonia", 0.6),
-)
-_PAIN = (
+))
+_PAIN = _Weighted((
     ("0", 30), ("1", 1), ("2", 2), ("3", 3), ("4", 4), ("5", 5), ("6", 5), ("7", 6), ("8", 8),
     ("9", 4), ("10", 8), ("", 4), ("uta", 3), ("UTA", 1), ("unable", 1.5), ("13", 0.5),
     ("denies", 1), ("Critical", 0.3), ("8-9", 0.5), ("0-10", 0.2), ("ok", 0.2), ("c/o", 0.2),
+))
+_ACUITY = _Weighted(
+    (("1.0", 6), ("2.0", 33), ("3.0", 53), ("4.0", 6), ("5.0", 0.3), ("", 1.7))
 )
-_ACUITY = (("1.0", 6), ("2.0", 33), ("3.0", 53), ("4.0", 6), ("5.0", 0.3), ("", 1.7))
-_RHYTHM = (
+_RHYTHM = _Weighted((
     ("", 90), ("Sinus Rhythm", 4), ("Normal Sinus Rhythm", 3), ("Sinus Tachycardia", 1.5),
     ("Atrial Fibrillation", 1), ("Paced Rhythm", 0.5),
-)
+))
 # Implausible values real triage/vitals carry (typos, Celsius, missing decimal points).
 _IMPLAUSIBLE = {
     "temperature": ("986.0", "36.8", "0.0", "9.8"),
@@ -241,22 +269,30 @@ _CHEXPERT_PROBS = {
     "Pleural Other": (0.01, 0.0, 0.003), "Pneumonia": (0.07, 0.03, 0.08),
     "Pneumothorax": (0.05, 0.20, 0.005), "Support Devices": (0.30, 0.003, 0.001),
 }
-_SPLITS = (("train", 97.8), ("validate", 0.8), ("test", 1.4))
-_ADMISSION_TYPES = (
+_SPLITS = _Weighted((("train", 97.8), ("validate", 0.8), ("test", 1.4)))
+_ADMISSION_TYPE_WEIGHTS = (
     ("EW EMER.", 40), ("OBSERVATION ADMIT", 15), ("EU OBSERVATION", 15), ("URGENT", 10),
     ("DIRECT EMER.", 8), ("ELECTIVE", 7), ("SURGICAL SAME DAY ADMISSION", 5),
 )
-_OLD_ADMISSION_LOCATIONS = (
+_ED_ADMISSION_TYPES = _Weighted(_ADMISSION_TYPE_WEIGHTS[:5])
+_OLD_ADMISSION_TYPES = _Weighted(_ADMISSION_TYPE_WEIGHTS[5:] + _ADMISSION_TYPE_WEIGHTS[3:4])
+_OLD_ADMISSION_LOCATIONS = _Weighted((
     ("PHYSICIAN REFERRAL", 40), ("TRANSFER FROM HOSPITAL", 25), ("CLINIC REFERRAL", 20),
     ("WALK-IN/SELF REFERRAL", 10), ("PROCEDURE SITE", 5),
-)
-_DISCHARGE_LOCATIONS = (
+))
+_DISCHARGE_LOCATIONS = _Weighted((
     ("HOME", 40), ("HOME HEALTH CARE", 25), ("SKILLED NURSING FACILITY", 15), ("", 12),
     ("REHAB", 5), ("CHRONIC/LONG TERM ACUTE CARE", 3),
+))
+_INSURANCE = _Weighted(
+    (("Medicare", 45), ("Private", 25), ("Medicaid", 18), ("Other", 10), ("", 2))
 )
-_INSURANCE = (("Medicare", 45), ("Private", 25), ("Medicaid", 18), ("Other", 10), ("", 2))
-_LANGUAGE = (("English", 88), ("Spanish", 4), ("Chinese", 1.5), ("Russian", 1.5), ("", 5))
-_MARITAL = (("MARRIED", 40), ("SINGLE", 33), ("WIDOWED", 12), ("DIVORCED", 8), ("", 7))
+_LANGUAGE = _Weighted(
+    (("English", 88), ("Spanish", 4), ("Chinese", 1.5), ("Russian", 1.5), ("", 5))
+)
+_MARITAL = _Weighted(
+    (("MARRIED", 40), ("SINGLE", 33), ("WIDOWED", 12), ("DIVORCED", 8), ("", 7))
+)
 _STUDY_DESCRIPTIONS = (
     "CHEST (PA AND LAT)", "CHEST (PORTABLE AP)", "CHEST (PRE-OP PA & LAT)",
     "CHEST PORT. LINE PLACEMENT", "CHEST (SINGLE VIEW)", "",
@@ -300,9 +336,8 @@ class _Image:
     frontal_in_stay: bool
 
 
-def _pick(rng: random.Random, weighted: Sequence[tuple[Any, float]]) -> Any:
-    values, weights = zip(*weighted)
-    return rng.choices(values, weights)[0]
+def _pick(rng: random.Random, weighted: _Weighted) -> Any:
+    return weighted.pick(rng)
 
 
 def _fmt_time(value: dt.datetime) -> str:
@@ -484,7 +519,7 @@ class _Generator:
             died = rng.random() < 0.02
             rows.append((
                 subject_id, stay.hadm_id, _fmt_time(admit), _fmt_time(disch),
-                _fmt_time(disch) if died else "", _pick(rng, _ADMISSION_TYPES[:5]), provider,
+                _fmt_time(disch) if died else "", _pick(rng, _ED_ADMISSION_TYPES), provider,
                 "EMERGENCY ROOM", "DIED" if died else _pick(rng, _DISCHARGE_LOCATIONS),
                 insurance, language, marital, race, _fmt_time(stay.intime),
                 _fmt_time(stay.outtime), 1 if died else 0,
@@ -495,7 +530,7 @@ class _Generator:
             disch = admit + dt.timedelta(minutes=rng.randint(12 * 60, 10 * 24 * 60))
             rows.append((
                 subject_id, self.ids.draw(*_HADM_RANGE), _fmt_time(admit), _fmt_time(disch), "",
-                _pick(rng, _ADMISSION_TYPES[5:] + _ADMISSION_TYPES[3:4]), provider,
+                _pick(rng, _OLD_ADMISSION_TYPES), provider,
                 _pick(rng, _OLD_ADMISSION_LOCATIONS), _pick(rng, _DISCHARGE_LOCATIONS),
                 insurance, language, marital, race, "", "", 0,
             ))
