@@ -161,6 +161,7 @@ _IMPLAUSIBLE = {
     "sbp": ("0.0", "1400.0"),
     "dbp": ("0.0", "7400.0", "640.0"),
 }
+_VITAL_NAMES = tuple(_IMPLAUSIBLE)
 # Enhanced Therapeutic Class (etccode -> etcdescription) of the drugs below.
 _ETC = {
     "48": "Calcium Channel Blockers - Dihydropyridines",
@@ -488,7 +489,8 @@ def _pick(rng: random.Random, weighted: _Weighted) -> Any:
 
 
 def _fmt_time(value: dt.datetime) -> str:
-    return value.strftime(_TIME_FORMAT)
+    # As strftime(_TIME_FORMAT) for years >= 1000, at a fraction of the cost.
+    return value.isoformat(" ", "seconds")
 
 
 def _fmt_vital(value: float) -> str:
@@ -674,7 +676,7 @@ class _Generator:
     ) -> list[dt.datetime]:
         """Admissions for the admitted stays plus some older ones; returns their dischtimes."""
         rng = self.rng
-        rows = []
+        rows, dischtimes = [], []
         insurance, language, marital = (
             _pick(rng, _INSURANCE), _pick(rng, _LANGUAGE), _pick(rng, _MARITAL),
         )
@@ -688,6 +690,7 @@ class _Generator:
             admit = admit.replace(second=0, microsecond=0)
             disch = admit + dt.timedelta(minutes=rng.randint(12 * 60, 12 * 24 * 60))
             died = rng.random() < 0.02
+            dischtimes.append(disch)
             rows.append((
                 subject_id, stay.hadm_id, _fmt_time(admit), _fmt_time(disch),
                 _fmt_time(disch) if died else "", _pick(rng, _ED_ADMISSION_TYPES), provider,
@@ -700,6 +703,7 @@ class _Generator:
             admit = start - dt.timedelta(days=rng.uniform(20, 900))
             admit = admit.replace(second=0, microsecond=0)
             disch = admit + dt.timedelta(minutes=rng.randint(12 * 60, 10 * 24 * 60))
+            dischtimes.append(disch)
             rows.append((
                 subject_id, self.ids.draw(*_HADM_RANGE), _fmt_time(admit), _fmt_time(disch), "",
                 _pick(rng, _OLD_ADMISSION_TYPES), provider,
@@ -709,25 +713,27 @@ class _Generator:
         rows.sort(key=lambda r: r[1])
         for row in rows:
             self.tables["admissions"].write(row)
-        return [dt.datetime.strptime(r[3], _TIME_FORMAT) for r in rows]
+        return dischtimes
 
     def _vitals(self) -> tuple[str, str, str, str, str, str]:
         rng = self.rng
-        values = {
-            "temperature": _fmt_vital(round(rng.gauss(98.2, 0.8), 1)),
-            "heartrate": _fmt_vital(round(min(180, max(40, rng.gauss(88, 18))))),
-            "resprate": _fmt_vital(round(min(40, max(8, rng.gauss(18, 2.5))))),
-            "o2sat": _fmt_vital(min(100, round(100 - abs(rng.gauss(1.5, 2.5))))),
-            "sbp": _fmt_vital(round(min(240, max(70, rng.gauss(135, 22))))),
-            "dbp": _fmt_vital(round(min(140, max(30, rng.gauss(77, 14))))),
-        }
-        if rng.random() < 0.04:
-            name = rng.choice(tuple(_IMPLAUSIBLE))
-            values[name] = rng.choice(_IMPLAUSIBLE[name])
-        for name in values:
-            if rng.random() < 0.045:
-                values[name] = ""
-        return tuple(values.values())
+        gauss, draw = rng.gauss, rng.random
+        # In _VITAL_NAMES order: temperature, heartrate, resprate, o2sat, sbp, dbp.
+        values = [
+            f"{round(gauss(98.2, 0.8), 1):.1f}",
+            f"{round(min(180, max(40, gauss(88, 18)))):.1f}",
+            f"{round(min(40, max(8, gauss(18, 2.5)))):.1f}",
+            f"{min(100, round(100 - abs(gauss(1.5, 2.5)))):.1f}",
+            f"{round(min(240, max(70, gauss(135, 22)))):.1f}",
+            f"{round(min(140, max(30, gauss(77, 14)))):.1f}",
+        ]
+        if draw() < 0.04:
+            index = rng.randrange(len(_VITAL_NAMES))  # as rng.choice(_VITAL_NAMES)
+            values[index] = rng.choice(_IMPLAUSIBLE[_VITAL_NAMES[index]])
+        for index in range(6):
+            if draw() < 0.045:
+                values[index] = ""
+        return tuple(values)
 
     def _ed_rows(self, subject_id: int, gender: str, race: str, stays: list[_Stay]) -> None:
         rng = self.rng
