@@ -988,7 +988,8 @@ def generate(
     answer_dir = fileio.join(output_dir, ANSWER_SUBDIR)
     cohort = _CsvGz(fileio.join(answer_dir, "cohort.csv.gz"), ANSWER_COLUMNS)
     try:
-        generator = _Generator(rng, tables, pool, _SMALL_PROFILE if plan is None else _MIMIC_PROFILE)
+        profile = _SMALL_PROFILE if plan is None else _MIMIC_PROFILE
+        generator = _Generator(rng, tables, pool, profile)
         for index, (subject_id, (ed, cxr)) in enumerate(zip(subject_ids, has)):
             generator.patient(subject_id, ed=ed, cxr=cxr)
             if index % 50_000 == 49_999:
