@@ -19,10 +19,29 @@ real radiographs; a pool of distinct encoded images is reused through hard links
 server-side copies (gs://). `faults` plants broken files (missing, empty, truncated, not an
 image) among the frontal images inside an ED stay, to exercise the pipeline's dead letters.
 
+`--scale mimic` writes MIMIC's real size instead (`MIMIC_ROW_COUNTS`, each table within ~2%):
+364,627 patients, 546,028 admissions, 425,087 ED stays (nearly all triaged), 1.56M vitalsign
+and 2.99M medrecon rows, 377,110 images in 227,827 studies of 65,379 subjects (64.5% AP/PA).
+About 205k patients have ED stays, a quarter of them X-rays; most X-rayed patients have ED
+stays, some not; the rest are only in hosp; the groups interleave over the subject_id range.
+About 112k frontal images of ~48k patients fall inside an ED stay. `--scale 0.01` is the same
+shape at 1% of the size. `--no_images` writes every table (the same bytes) but no JPEG, for
+join-only runs.
+
+The answer: `OUTPUT_DIR/answer/cohort.csv.gz` (dicom_id, subject_id, study_id, stay_id, sorted
+by dicom_id) holds one row per frontal image (AP or PA) whose study moment lies inside an ED
+stay of its subject, [intime, outtime] inclusive, the latest intime winning (ties: the larger
+stay_id); computed from the generator's own datetimes (`linked_stay`), not the pipeline's
+code. Study moments have millisecond resolution and survive the StudyDate/StudyTime round trip
+exactly, so a correct reader of the CSVs gets the same set. Planted faults are linked images,
+so they are in it. `answer/summary.json` holds the counts (linked images and patients, rows
+per table, images, frontal images) and the arguments.
+
 Everything is a pure function of the arguments: the same arguments give byte-identical CSVs.
 
 Usage:
     python -m pipelines.synthetic_mimic --output_dir /tmp/mimic --n_patients 2000 --seed 0
+    python -m pipelines.synthetic_mimic --output_dir /tmp/fullsize --scale mimic --no_images
 """
 
 from __future__ import annotations
