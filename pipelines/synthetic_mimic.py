@@ -97,13 +97,17 @@ class _Weighted:
     """
 
     def __init__(self, weighted: Sequence[tuple[Any, float]]) -> None:
-        self.values, weights = zip(*weighted)
-        self.cumulative = list(itertools.accumulate(weights))
+        self.values, self.weights = zip(*weighted)
+        self.cumulative = list(itertools.accumulate(self.weights))
         self.total = self.cumulative[-1] + 0.0
         self.mean = (
             sum(v * w for v, w in weighted) / self.total
             if all(isinstance(v, (int, float)) for v in self.values) else math.nan
         )
+
+    def share(self, values: Sequence[Any]) -> float:
+        """The chance that a draw is one of `values`."""
+        return sum(w for v, w in zip(self.values, self.weights) if v in values) / self.total
 
     def pick(self, rng: random.Random) -> Any:
         return self.values[
@@ -116,7 +120,6 @@ _SUBJECT_RANGE = (10000032, 19999999)
 _STUDY_RANGE = (50000000, 59999999)
 _STAY_RANGE = (30000000, 39999999)
 _HADM_RANGE = (20000000, 29999999)
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 # Weighted choices: (value, weight). Weights follow the published tables roughly.
 _VIEWS = _Weighted((
@@ -434,14 +437,9 @@ def expected_counts(plan: ScalePlan) -> dict[str, float]:
     ed = groups["ed_and_cxr"] + groups["ed_only"]
     cxr = groups["ed_and_cxr"] + groups["cxr_only"]
     stays = ed * profile.stays_per_patient.mean
-    admitted = _DISPOSITIONS.values.index("ADMITTED")
-    p_admitted = (_DISPOSITIONS.cumulative[admitted] - (
-        _DISPOSITIONS.cumulative[admitted - 1] if admitted else 0)) / _DISPOSITIONS.total
+    p_admitted = _DISPOSITIONS.share(("ADMITTED",))
     studies_each = profile.studies_per_patient.mean
-    frontal_share = sum(
-        w for v, w in zip(profile.views.values, _weights(profile.views)) if v in FRONTAL_VIEWS
-    ) / profile.views.total
-    frontal_per_study = profile.images_per_study.mean * frontal_share
+    frontal_per_study = profile.images_per_study.mean * profile.views.share(FRONTAL_VIEWS)
     linked_studies = 1 + (studies_each - 1) * profile.study_in_stay
     return {
         "patients": plan.n_patients,
@@ -457,10 +455,6 @@ def expected_counts(plan: ScalePlan) -> dict[str, float]:
         "frontal_images": cxr * studies_each * frontal_per_study,
         "linked_images": groups["ed_and_cxr"] * linked_studies * frontal_per_study,
     }
-
-
-def _weights(weighted: _Weighted) -> list[float]:
-    return [b - a for a, b in zip([0.0] + weighted.cumulative[:-1], weighted.cumulative)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,12 +502,8 @@ def _pick(rng: random.Random, weighted: _Weighted) -> Any:
 
 
 def _fmt_time(value: dt.datetime) -> str:
-    # As strftime(_TIME_FORMAT) for years >= 1000, at a fraction of the cost.
+    # "YYYY-MM-DD HH:MM:SS" as strftime gives it (years >= 1000), at a fraction of the cost.
     return value.isoformat(" ", "seconds")
-
-
-def _fmt_vital(value: float) -> str:
-    return f"{value:.1f}"
 
 
 def study_time_text(moment: dt.datetime, noise: int = 0) -> str:
