@@ -19,20 +19,42 @@ real radiographs; a pool of distinct encoded images is reused through hard links
 server-side copies (gs://). `faults` plants broken files (missing, empty, truncated, not an
 image) among the frontal images inside an ED stay, to exercise the pipeline's dead letters.
 
+`--scale mimic` writes MIMIC's real size instead (`MIMIC_ROW_COUNTS`, each table within ~2%):
+364,627 patients, 546,028 admissions, 425,087 ED stays (nearly all triaged), 1.56M vitalsign
+and 2.99M medrecon rows, 377,110 images in 227,827 studies of 65,379 subjects (64.5% AP/PA).
+About 205k patients have ED stays, a quarter of them X-rays; most X-rayed patients have ED
+stays, some not; the rest are only in hosp; the groups interleave over the subject_id range.
+About 112k frontal images of ~48k patients fall inside an ED stay. `--scale 0.01` is the same
+shape at 1% of the size. `--no_images` writes every table (the same bytes) but no JPEG, for
+join-only runs.
+
+The answer: `OUTPUT_DIR/answer/cohort.csv.gz` (dicom_id, subject_id, study_id, stay_id, sorted
+by dicom_id) holds one row per frontal image (AP or PA) whose study moment lies inside an ED
+stay of its subject, [intime, outtime] inclusive, the latest intime winning (ties: the larger
+stay_id); computed from the generator's own datetimes (`linked_stay`), not the pipeline's
+code. Study moments have millisecond resolution and survive the StudyDate/StudyTime round trip
+exactly, so a correct reader of the CSVs gets the same set. Planted faults are linked images,
+so they are in it. `answer/summary.json` holds the counts (linked images and patients, rows
+per table, images, frontal images) and the arguments.
+
 Everything is a pure function of the arguments: the same arguments give byte-identical CSVs.
 
 Usage:
     python -m pipelines.synthetic_mimic --output_dir /tmp/mimic --n_patients 2000 --seed 0
+    python -m pipelines.synthetic_mimic --output_dir /tmp/fullsize --scale mimic --no_images
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import bisect
 import dataclasses
 import datetime as dt
 import gzip
 import io
+import itertools
+import json
 import logging
 import math
 import random
@@ -54,6 +76,7 @@ from transforms.synthetic_images import (
     encode_pool,
     fault_bytes,
     load_radiographs,
+    pool_without_pixels,
 )
 
 MIMIC_IV_SUBDIR = "mimic-iv"
@@ -65,43 +88,69 @@ _ROOT_SUBDIRS = {
     schema.MIMIC_CXR: MIMIC_CXR_SUBDIR,
 }
 
+
+class _Weighted:
+    """A weighted choice prepared once: `pick` draws as `rng.choices(values, weights)[0]` does.
+
+    The same single `rng.random()` call and the same bisection over the same cumulative sums,
+    so results are identical to `random.choices`, without rebuilding the sums on every draw.
+    """
+
+    def __init__(self, weighted: Sequence[tuple[Any, float]]) -> None:
+        self.values, self.weights = zip(*weighted)
+        self.cumulative = list(itertools.accumulate(self.weights))
+        self.total = self.cumulative[-1] + 0.0
+        self.mean = (
+            sum(v * w for v, w in weighted) / self.total
+            if all(isinstance(v, (int, float)) for v in self.values) else math.nan
+        )
+
+    def share(self, values: Sequence[Any]) -> float:
+        """The chance that a draw is one of `values`."""
+        return sum(w for v, w in zip(self.values, self.weights) if v in values) / self.total
+
+    def pick(self, rng: random.Random) -> Any:
+        return self.values[
+            bisect.bisect(self.cumulative, rng.random() * self.total, 0, len(self.values) - 1)
+        ]
+
+
 FRONTAL_VIEWS = ("AP", "PA")
 _SUBJECT_RANGE = (10000032, 19999999)
 _STUDY_RANGE = (50000000, 59999999)
 _STAY_RANGE = (30000000, 39999999)
 _HADM_RANGE = (20000000, 29999999)
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 # Weighted choices: (value, weight). Weights follow the published tables roughly.
-_VIEWS = (
+_VIEWS = _Weighted((
     ("AP", 39.0), ("PA", 25.0), ("LATERAL", 22.0), ("LL", 9.0), ("", 4.0),
     ("AP AXIAL", 0.3), ("PA LLD", 0.2), ("AP LLD", 0.2), ("LAO", 0.1), ("RAO", 0.1),
     ("XTABLE LATERAL", 0.1),
-)
+))
 _VIEW_CODE_MEANING = {
     "AP": "antero-posterior", "PA": "postero-anterior", "LATERAL": "lateral",
     "LL": "left lateral", "AP AXIAL": "antero-posterior", "PA LLD": "postero-anterior",
     "AP LLD": "antero-posterior", "LAO": "left anterior oblique",
     "RAO": "right anterior oblique", "XTABLE LATERAL": "lateral", "": "",
 }
-_STAYS_PER_PATIENT = ((1, 45), (2, 30), (3, 15), (4, 10))
-_IMAGES_PER_STUDY = ((1, 30), (2, 50), (3, 20))
-_GENDERS = (("F", 52), ("M", 48))
-_RACES = (
+_STAYS_PER_PATIENT = _Weighted(((1, 45), (2, 30), (3, 15), (4, 10)))
+_IMAGES_PER_STUDY = _Weighted(((1, 30), (2, 50), (3, 20)))
+_GENDERS = _Weighted((("F", 52), ("M", 48)))
+_RACES = _Weighted((
     ("WHITE", 58), ("BLACK/AFRICAN AMERICAN", 18), ("HISPANIC/LATINO - PUERTO RICAN", 3),
     ("HISPANIC OR LATINO", 3), ("ASIAN", 3), ("ASIAN - CHINESE", 1.5),
     ("WHITE - OTHER EUROPEAN", 2), ("BLACK/CAPE VERDEAN", 1.5), ("OTHER", 4), ("UNKNOWN", 4),
     ("UNABLE TO OBTAIN", 1), ("PATIENT DECLINED TO ANSWER", 1),
-)
-_ARRIVAL = (
+))
+_ARRIVAL = _Weighted((
     ("WALK IN", 52), ("AMBULANCE", 40), ("UNKNOWN", 6), ("OTHER", 1.5), ("HELICOPTER", 0.5),
-)
-_DISPOSITIONS = (
+))
+_DISPOSITIONS = _Weighted((
     ("ADMITTED", 46), ("HOME", 44), ("TRANSFER", 3), ("LEFT WITHOUT BEING SEEN", 1.5),
     ("LEFT AGAINST MEDICAL ADVICE", 1.5), ("ELOPED", 1.2), ("OTHER", 2.5), ("EXPIRED", 0.3),
-)
+))
 _ANCHOR_YEAR_GROUPS = ("2008 - 2010", "2011 - 2013", "2014 - 2016", "2017 - 2019", "2020 - 2022")
-_CHIEF_COMPLAINTS = (
+_CHIEF_COMPLAINTS = _Weighted((
     ("Dyspnea", 8), ("Chest pain", 8), ("SOB", 6), ("Cough, Fever", 3), ("Abd pain", 6),
     ("s/p Fall", 6), ("Weakness", 4), ("Transfer", 4), ("Fever", 3),
     ("Altered mental status", 3),
@@ -112,17 +161,19 @@ _CHIEF_COMPLAINTS = (
     ("Hematemesis", 0.5),
     ("SI", 0.8), ("Hyperglycemia", 0.5), ("Tachycardia", 0.5), ("L Leg pain", 0.5),
     ("Chest pain, Dyspnea", 1), ("BRBPR", 0.4), ("Pneumonia", 0.6),
-)
-_PAIN = (
+))
+_PAIN = _Weighted((
     ("0", 30), ("1", 1), ("2", 2), ("3", 3), ("4", 4), ("5", 5), ("6", 5), ("7", 6), ("8", 8),
     ("9", 4), ("10", 8), ("", 4), ("uta", 3), ("UTA", 1), ("unable", 1.5), ("13", 0.5),
     ("denies", 1), ("Critical", 0.3), ("8-9", 0.5), ("0-10", 0.2), ("ok", 0.2), ("c/o", 0.2),
+))
+_ACUITY = _Weighted(
+    (("1.0", 6), ("2.0", 33), ("3.0", 53), ("4.0", 6), ("5.0", 0.3), ("", 1.7))
 )
-_ACUITY = (("1.0", 6), ("2.0", 33), ("3.0", 53), ("4.0", 6), ("5.0", 0.3), ("", 1.7))
-_RHYTHM = (
+_RHYTHM = _Weighted((
     ("", 90), ("Sinus Rhythm", 4), ("Normal Sinus Rhythm", 3), ("Sinus Tachycardia", 1.5),
     ("Atrial Fibrillation", 1), ("Paced Rhythm", 0.5),
-)
+))
 # Implausible values real triage/vitals carry (typos, Celsius, missing decimal points).
 _IMPLAUSIBLE = {
     "temperature": ("986.0", "36.8", "0.0", "9.8"),
@@ -132,6 +183,7 @@ _IMPLAUSIBLE = {
     "sbp": ("0.0", "1400.0"),
     "dbp": ("0.0", "7400.0", "640.0"),
 }
+_VITAL_NAMES = tuple(_IMPLAUSIBLE)
 # Enhanced Therapeutic Class (etccode -> etcdescription) of the drugs below.
 _ETC = {
     "48": "Calcium Channel Blockers - Dihydropyridines",
@@ -241,26 +293,168 @@ _CHEXPERT_PROBS = {
     "Pleural Other": (0.01, 0.0, 0.003), "Pneumonia": (0.07, 0.03, 0.08),
     "Pneumothorax": (0.05, 0.20, 0.005), "Support Devices": (0.30, 0.003, 0.001),
 }
-_SPLITS = (("train", 97.8), ("validate", 0.8), ("test", 1.4))
-_ADMISSION_TYPES = (
+_SPLITS = _Weighted((("train", 97.8), ("validate", 0.8), ("test", 1.4)))
+_ADMISSION_TYPE_WEIGHTS = (
     ("EW EMER.", 40), ("OBSERVATION ADMIT", 15), ("EU OBSERVATION", 15), ("URGENT", 10),
     ("DIRECT EMER.", 8), ("ELECTIVE", 7), ("SURGICAL SAME DAY ADMISSION", 5),
 )
-_OLD_ADMISSION_LOCATIONS = (
+_ED_ADMISSION_TYPES = _Weighted(_ADMISSION_TYPE_WEIGHTS[:5])
+_OLD_ADMISSION_TYPES = _Weighted(_ADMISSION_TYPE_WEIGHTS[5:] + _ADMISSION_TYPE_WEIGHTS[3:4])
+_OLD_ADMISSION_LOCATIONS = _Weighted((
     ("PHYSICIAN REFERRAL", 40), ("TRANSFER FROM HOSPITAL", 25), ("CLINIC REFERRAL", 20),
     ("WALK-IN/SELF REFERRAL", 10), ("PROCEDURE SITE", 5),
-)
-_DISCHARGE_LOCATIONS = (
+))
+_DISCHARGE_LOCATIONS = _Weighted((
     ("HOME", 40), ("HOME HEALTH CARE", 25), ("SKILLED NURSING FACILITY", 15), ("", 12),
     ("REHAB", 5), ("CHRONIC/LONG TERM ACUTE CARE", 3),
+))
+_INSURANCE = _Weighted(
+    (("Medicare", 45), ("Private", 25), ("Medicaid", 18), ("Other", 10), ("", 2))
 )
-_INSURANCE = (("Medicare", 45), ("Private", 25), ("Medicaid", 18), ("Other", 10), ("", 2))
-_LANGUAGE = (("English", 88), ("Spanish", 4), ("Chinese", 1.5), ("Russian", 1.5), ("", 5))
-_MARITAL = (("MARRIED", 40), ("SINGLE", 33), ("WIDOWED", 12), ("DIVORCED", 8), ("", 7))
+_LANGUAGE = _Weighted(
+    (("English", 88), ("Spanish", 4), ("Chinese", 1.5), ("Russian", 1.5), ("", 5))
+)
+_MARITAL = _Weighted(
+    (("MARRIED", 40), ("SINGLE", 33), ("WIDOWED", 12), ("DIVORCED", 8), ("", 7))
+)
 _STUDY_DESCRIPTIONS = (
     "CHEST (PA AND LAT)", "CHEST (PORTABLE AP)", "CHEST (PRE-OP PA & LAT)",
     "CHEST PORT. LINE PLACEMENT", "CHEST (SINGLE VIEW)", "",
 )
+
+_OLDER_ADMISSIONS = _Weighted(((0, 60), (1, 28), (2, 12)))
+
+# `scale="mimic"`: MIMIC's published row counts (MIMIC-IV 3.1 hosp, MIMIC-IV-ED 2.2,
+# MIMIC-CXR-JPG 2.1.0 metadata), which the full-size plan aims at.
+MIMIC_ROW_COUNTS: dict[str, int] = {
+    "patients": 364_627, "admissions": 546_028, "edstays": 425_087, "triage": 425_087,
+    "vitalsign": 1_564_610, "medrecon": 2_987_342, "metadata": 377_110, "studies": 227_827,
+    "cxr_subjects": 65_379,
+}
+# Patients by what they have, at full size. About 205k patients have ED stays, of whom about a
+# quarter have X-rays; most X-rayed patients have ED stays, some do not; the rest appear only in
+# hosp (patients, admissions).
+MIMIC_GROUPS: dict[str, int] = {
+    "ed_and_cxr": 55_000, "ed_only": 150_000, "cxr_only": 10_379, "neither": 149_248,
+}
+_GROUP_HAS = {  # group -> (has ED stays, has X-rays)
+    "ed_and_cxr": (True, True), "ed_only": (True, False), "cxr_only": (False, True),
+    "neither": (False, False),
+}
+_MIMIC_STAYS_PER_PATIENT = _Weighted((
+    (1, 57), (2, 21), (3, 9), (4, 5), (5, 2.7), (6, 1.8), (8, 1.3), (10, 0.9), (15, 0.6),
+    (25, 0.3),
+))
+_MIMIC_STUDIES_PER_PATIENT = _Weighted((
+    (1, 36), (2, 19.5), (3, 12), (4, 8.5), (5, 6), (6, 4.5), (7, 3.5), (8, 3), (10, 3),
+    (13, 2), (18, 1.3), (25, 0.7),
+))
+_MIMIC_IMAGES_PER_STUDY = _Weighted(((1, 45.5), (2, 44.5), (3, 9), (4, 1)))
+_MIMIC_VIEWS = _Weighted((  # 64.5% AP or PA, as in MIMIC-CXR-JPG
+    ("AP", 40.0), ("PA", 24.5), ("LATERAL", 21.5), ("LL", 9.0), ("", 4.0),
+    ("AP AXIAL", 0.3), ("PA LLD", 0.2), ("AP LLD", 0.2), ("LAO", 0.1), ("RAO", 0.1),
+    ("XTABLE LATERAL", 0.1),
+))
+# Older admissions of hosp-only patients (the ones seen by MIMIC-IV but never by ED or CXR).
+_MIMIC_HOSP_ONLY_ADMISSIONS = _Weighted(((0, 21), (1, 31), (2, 25), (3, 14), (4, 9)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Profile:
+    """The count distributions and chances one scale draws from."""
+
+    stays_per_patient: _Weighted
+    studies_per_patient: Optional[_Weighted]  # None: 1 + min(14, int(expovariate(1 / 2.6)))
+    images_per_study: _Weighted
+    views: _Weighted
+    study_in_stay: float  # chance a study falls inside one of the patient's stays
+    first_study_in_stay: bool  # the patient's first study always inside a stay
+    no_triage: float
+    no_vitals: float
+    older_admissions: _Weighted
+    hosp_only_admissions: _Weighted
+
+
+_SMALL_PROFILE = _Profile(
+    stays_per_patient=_STAYS_PER_PATIENT, studies_per_patient=None,
+    images_per_study=_IMAGES_PER_STUDY, views=_VIEWS, study_in_stay=0.5,
+    first_study_in_stay=False, no_triage=0.03, no_vitals=0.05,
+    older_admissions=_OLDER_ADMISSIONS, hosp_only_admissions=_OLDER_ADMISSIONS,
+)
+# At full size every stay but a few has triage (MIMIC-IV-ED: one triage row per stay), and the
+# first study of a patient with ED stays is taken in one of them (most CXRs come from the ED).
+_MIMIC_PROFILE = _Profile(
+    stays_per_patient=_MIMIC_STAYS_PER_PATIENT, studies_per_patient=_MIMIC_STUDIES_PER_PATIENT,
+    images_per_study=_MIMIC_IMAGES_PER_STUDY, views=_MIMIC_VIEWS, study_in_stay=0.365,
+    first_study_in_stay=True, no_triage=0.002, no_vitals=0.08,
+    older_admissions=_OLDER_ADMISSIONS, hosp_only_admissions=_MIMIC_HOSP_ONLY_ADMISSIONS,
+)
+_MEDRECON_ROWS_PER_DRUG = sum(len(d[3]) for d in _DRUGS) / len(_DRUGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalePlan:
+    """How many patients of each group (`MIMIC_GROUPS` keys) one MIMIC-shaped scale writes."""
+
+    factor: float
+    groups: dict[str, int]
+
+    @property
+    def n_patients(self) -> int:
+        return sum(self.groups.values())
+
+
+def plan_scale(scale: str | float) -> ScalePlan:
+    """The patients per group for `scale`: "mimic" (full size) or a fraction of it (0.01).
+
+    Raises:
+        ValueError: `scale` is neither "mimic" nor a number in (0, 10].
+    """
+    if isinstance(scale, str) and scale.strip().lower() == "mimic":
+        factor = 1.0
+    else:
+        try:
+            factor = float(scale)
+        except (TypeError, ValueError):
+            factor = math.nan
+        if not 0 < factor <= 10:  # also rejects nan
+            raise ValueError(
+                f"scale={scale!r}: must be 'mimic' or a fraction of MIMIC's size in (0, 10]"
+            )
+    groups = {name: round(count * factor) for name, count in MIMIC_GROUPS.items()}
+    if not groups["ed_and_cxr"]:
+        raise ValueError(f"scale={scale!r}: too small, no patient with ED stays and X-rays")
+    return ScalePlan(factor, groups)
+
+
+def expected_counts(plan: ScalePlan) -> dict[str, float]:
+    """The expected rows per table (and linked frontal images) of `plan`, from its distributions.
+
+    Keys as `MIMIC_ROW_COUNTS`, plus frontal_images and linked_images (frontal images inside a
+    stay of their subject); what the generator draws comes within a few per cent of these.
+    """
+    profile, groups = _MIMIC_PROFILE, plan.groups
+    ed = groups["ed_and_cxr"] + groups["ed_only"]
+    cxr = groups["ed_and_cxr"] + groups["cxr_only"]
+    stays = ed * profile.stays_per_patient.mean
+    p_admitted = _DISPOSITIONS.share(("ADMITTED",))
+    studies_each = profile.studies_per_patient.mean
+    frontal_per_study = profile.images_per_study.mean * profile.views.share(FRONTAL_VIEWS)
+    linked_studies = 1 + (studies_each - 1) * profile.study_in_stay
+    return {
+        "patients": plan.n_patients,
+        "admissions": stays * p_admitted + (ed + groups["cxr_only"])
+        * profile.older_admissions.mean + groups["neither"] * profile.hosp_only_admissions.mean,
+        "edstays": stays,
+        "triage": stays * (1 - profile.no_triage),
+        "vitalsign": stays * (1 - profile.no_vitals) * 4.0,  # randint(1, 7)
+        "medrecon": stays * (1 - 0.15) * 8.0 * _MEDRECON_ROWS_PER_DRUG,  # randint(1, 15) drugs
+        "metadata": cxr * studies_each * profile.images_per_study.mean,
+        "studies": cxr * studies_each,
+        "cxr_subjects": cxr,
+        "frontal_images": cxr * studies_each * frontal_per_study,
+        "linked_images": groups["ed_and_cxr"] * linked_studies * frontal_per_study,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +464,10 @@ class GeneratedDataset:
     `counts` keys: patients, admissions, stays, stays_admitted, stays_overlapping,
     stays_without_triage, triage, vitalsign, medrecon, diagnosis, studies,
     studies_without_chexpert, images, frontal_images, frontal_in_stay (the default cohort,
-    faulted images included), pool_images, and one `faults_<kind>` per fault kind.
+    faulted images included), linked_patients, ed_subjects, cxr_subjects, pool_images,
+    images_written, and one `faults_<kind>` per fault kind.
     `faults` maps each fault kind to the sorted dicom_ids planted with it.
+    `answer_dir` holds the expected cohort (`cohort.csv.gz`) and `summary.json`.
     """
 
     mimic_iv_dir: str
@@ -279,6 +475,7 @@ class GeneratedDataset:
     mimic_cxr_dir: str
     counts: dict[str, int]
     faults: dict[str, tuple[str, ...]]
+    answer_dir: str = ""
 
 
 @dataclasses.dataclass
@@ -300,17 +497,13 @@ class _Image:
     frontal_in_stay: bool
 
 
-def _pick(rng: random.Random, weighted: Sequence[tuple[Any, float]]) -> Any:
-    values, weights = zip(*weighted)
-    return rng.choices(values, weights)[0]
+def _pick(rng: random.Random, weighted: _Weighted) -> Any:
+    return weighted.pick(rng)
 
 
 def _fmt_time(value: dt.datetime) -> str:
-    return value.strftime(_TIME_FORMAT)
-
-
-def _fmt_vital(value: float) -> str:
-    return f"{value:.1f}"
+    # "YYYY-MM-DD HH:MM:SS" as strftime gives it (years >= 1000), at a fraction of the cost.
+    return value.isoformat(" ", "seconds")
 
 
 def study_time_text(moment: dt.datetime, noise: int = 0) -> str:
@@ -325,6 +518,18 @@ def study_time_text(moment: dt.datetime, noise: int = 0) -> str:
     for _ in range(abs(noise)):
         value = math.nextafter(value, math.inf if noise > 0 else -math.inf)
     return repr(value)
+
+
+def linked_stay(moment: dt.datetime, stays: Sequence[_Stay]) -> Optional[_Stay]:
+    """The stay holding `moment` ([intime, outtime] inclusive); the latest intime wins, ties
+    the larger stay_id. Written here, apart from the pipeline's code, as the answer's rule."""
+    best = None
+    for stay in stays:
+        if stay.intime <= moment <= stay.outtime and (
+            best is None or (stay.intime, stay.stay_id) > (best.intime, best.stay_id)
+        ):
+            best = stay
+    return best
 
 
 def _dicom_id(rng: random.Random) -> str:
@@ -401,21 +606,28 @@ class _Generator:
     """Generates one patient at a time and streams its rows to the ten tables."""
 
     def __init__(
-        self, rng: random.Random, tables: dict[str, _CsvGz], pool: Sequence[EncodedImage]
+        self, rng: random.Random, tables: dict[str, _CsvGz], pool: Sequence[EncodedImage],
+        profile: _Profile = _SMALL_PROFILE,
     ) -> None:
         self.rng = rng
         self.ids = _Ids(rng)
         self.tables = tables
         self.pool = pool
+        self.profile = profile
         self.images: list[_Image] = []
+        # The expected cohort: (dicom_id, subject_id, study_id, stay_id) per linked frontal image.
+        self.answer: list[tuple[str, int, int, int]] = []
         self.counts: dict[str, int] = {
             "stays_admitted": 0, "stays_overlapping": 0, "stays_without_triage": 0,
             "studies": 0, "studies_without_chexpert": 0, "frontal_images": 0,
-            "frontal_in_stay": 0,
+            "frontal_in_stay": 0, "ed_subjects": 0, "cxr_subjects": 0,
         }
 
-    def patient(self, subject_id: int) -> None:
-        """Writes one patient's rows to every table, dates near a random anchor_year."""
+    def patient(self, subject_id: int, *, ed: bool = True, cxr: bool = True) -> None:
+        """Writes one patient's rows to every table, dates near a random anchor_year.
+
+        `ed`: the patient has ED stays; `cxr`: X-ray studies. Without either, only hosp rows.
+        """
         rng = self.rng
         gender = _pick(rng, _GENDERS)
         race = _pick(rng, _RACES)
@@ -424,29 +636,33 @@ class _Generator:
         start = dt.datetime(anchor_year, 1, 1) + dt.timedelta(days=rng.uniform(0, 365))
         span = dt.timedelta(days=rng.uniform(30, 3 * 365))
 
-        stays = self._stays(start, span)
-        admissions = self._admissions(subject_id, start, stays, race)
-        self._ed_rows(subject_id, gender, race, stays)
-        study_images = self._studies(subject_id, start, span, stays)
+        stays = self._stays(start, span) if ed else []
+        admissions = self._admissions(subject_id, start, stays, race, hosp_only=not (ed or cxr))
+        if stays:
+            self.counts["ed_subjects"] += 1
+            self._ed_rows(subject_id, gender, race, stays)
+        study_images = self._studies(subject_id, start, span, stays) if cxr else []
 
         dod = ""
         expired = [s for s in stays if s.disposition == "EXPIRED"]
         if expired:
             dod = expired[-1].outtime.strftime("%Y-%m-%d")
         elif rng.random() < 0.04:
-            last = max([s.outtime for s in stays] + admissions)
+            last = max([s.outtime for s in stays] + admissions, default=start)
             dod = (last + dt.timedelta(days=rng.uniform(1, 700))).strftime("%Y-%m-%d")
         self.tables["patients"].write(
             (subject_id, gender, anchor_age, anchor_year, rng.choice(_ANCHOR_YEAR_GROUPS), dod)
         )
-        split = _pick(rng, _SPLITS)
-        for dicom_id, study_id in study_images:
-            self.tables["split"].write((dicom_id, study_id, subject_id, split))
+        if study_images:
+            self.counts["cxr_subjects"] += 1
+            split = _pick(rng, _SPLITS)
+            for dicom_id, study_id in study_images:
+                self.tables["split"].write((dicom_id, study_id, subject_id, split))
 
     def _stays(self, start: dt.datetime, span: dt.timedelta) -> list[_Stay]:
         rng = self.rng
         stays: list[_Stay] = []
-        for _ in range(_pick(rng, _STAYS_PER_PATIENT)):
+        for _ in range(_pick(rng, self.profile.stays_per_patient)):
             hours = min(40.0, max(0.5, rng.lognormvariate(math.log(5.0), 0.6)))
             if stays and rng.random() < 0.12:
                 # A second registration while the first is still open: overlapping stays.
@@ -464,11 +680,12 @@ class _Generator:
         return stays
 
     def _admissions(
-        self, subject_id: int, start: dt.datetime, stays: list[_Stay], race: str
+        self, subject_id: int, start: dt.datetime, stays: list[_Stay], race: str,
+        hosp_only: bool = False,
     ) -> list[dt.datetime]:
         """Admissions for the admitted stays plus some older ones; returns their dischtimes."""
         rng = self.rng
-        rows = []
+        rows, dischtimes = [], []
         insurance, language, marital = (
             _pick(rng, _INSURANCE), _pick(rng, _LANGUAGE), _pick(rng, _MARITAL),
         )
@@ -482,45 +699,50 @@ class _Generator:
             admit = admit.replace(second=0, microsecond=0)
             disch = admit + dt.timedelta(minutes=rng.randint(12 * 60, 12 * 24 * 60))
             died = rng.random() < 0.02
+            dischtimes.append(disch)
             rows.append((
                 subject_id, stay.hadm_id, _fmt_time(admit), _fmt_time(disch),
-                _fmt_time(disch) if died else "", _pick(rng, _ADMISSION_TYPES[:5]), provider,
+                _fmt_time(disch) if died else "", _pick(rng, _ED_ADMISSION_TYPES), provider,
                 "EMERGENCY ROOM", "DIED" if died else _pick(rng, _DISCHARGE_LOCATIONS),
                 insurance, language, marital, race, _fmt_time(stay.intime),
                 _fmt_time(stay.outtime), 1 if died else 0,
             ))
-        for _ in range(rng.choices((0, 1, 2), (60, 28, 12))[0]):
+        older = self.profile.hosp_only_admissions if hosp_only else self.profile.older_admissions
+        for _ in range(_pick(rng, older)):
             admit = start - dt.timedelta(days=rng.uniform(20, 900))
             admit = admit.replace(second=0, microsecond=0)
             disch = admit + dt.timedelta(minutes=rng.randint(12 * 60, 10 * 24 * 60))
+            dischtimes.append(disch)
             rows.append((
                 subject_id, self.ids.draw(*_HADM_RANGE), _fmt_time(admit), _fmt_time(disch), "",
-                _pick(rng, _ADMISSION_TYPES[5:] + _ADMISSION_TYPES[3:4]), provider,
+                _pick(rng, _OLD_ADMISSION_TYPES), provider,
                 _pick(rng, _OLD_ADMISSION_LOCATIONS), _pick(rng, _DISCHARGE_LOCATIONS),
                 insurance, language, marital, race, "", "", 0,
             ))
         rows.sort(key=lambda r: r[1])
         for row in rows:
             self.tables["admissions"].write(row)
-        return [dt.datetime.strptime(r[3], _TIME_FORMAT) for r in rows]
+        return dischtimes
 
     def _vitals(self) -> tuple[str, str, str, str, str, str]:
         rng = self.rng
-        values = {
-            "temperature": _fmt_vital(round(rng.gauss(98.2, 0.8), 1)),
-            "heartrate": _fmt_vital(round(min(180, max(40, rng.gauss(88, 18))))),
-            "resprate": _fmt_vital(round(min(40, max(8, rng.gauss(18, 2.5))))),
-            "o2sat": _fmt_vital(min(100, round(100 - abs(rng.gauss(1.5, 2.5))))),
-            "sbp": _fmt_vital(round(min(240, max(70, rng.gauss(135, 22))))),
-            "dbp": _fmt_vital(round(min(140, max(30, rng.gauss(77, 14))))),
-        }
-        if rng.random() < 0.04:
-            name = rng.choice(tuple(_IMPLAUSIBLE))
-            values[name] = rng.choice(_IMPLAUSIBLE[name])
-        for name in values:
-            if rng.random() < 0.045:
-                values[name] = ""
-        return tuple(values.values())
+        gauss, draw = rng.gauss, rng.random
+        # In _VITAL_NAMES order: temperature, heartrate, resprate, o2sat, sbp, dbp.
+        values = [
+            f"{round(gauss(98.2, 0.8), 1):.1f}",
+            f"{round(min(180, max(40, gauss(88, 18)))):.1f}",
+            f"{round(min(40, max(8, gauss(18, 2.5)))):.1f}",
+            f"{min(100, round(100 - abs(gauss(1.5, 2.5)))):.1f}",
+            f"{round(min(240, max(70, gauss(135, 22)))):.1f}",
+            f"{round(min(140, max(30, gauss(77, 14)))):.1f}",
+        ]
+        if draw() < 0.04:
+            index = rng.randrange(len(_VITAL_NAMES))  # as rng.choice(_VITAL_NAMES)
+            values[index] = rng.choice(_IMPLAUSIBLE[_VITAL_NAMES[index]])
+        for index in range(6):
+            if draw() < 0.045:
+                values[index] = ""
+        return tuple(values)
 
     def _ed_rows(self, subject_id: int, gender: str, race: str, stays: list[_Stay]) -> None:
         rng = self.rng
@@ -530,7 +752,7 @@ class _Generator:
                 _fmt_time(stay.outtime), gender, race, _pick(rng, _ARRIVAL), stay.disposition,
             ))
         for stay in stays:
-            if rng.random() < 0.03:
+            if rng.random() < self.profile.no_triage:
                 self.counts["stays_without_triage"] += 1
                 continue
             complaint = _pick(rng, _CHIEF_COMPLAINTS) if rng.random() > 0.005 else ""
@@ -540,7 +762,7 @@ class _Generator:
             )
         for stay in stays:
             duration = stay.outtime - stay.intime
-            count = 0 if rng.random() < 0.05 else rng.randint(1, 7)
+            count = 0 if rng.random() < self.profile.no_vitals else rng.randint(1, 7)
             times = sorted(
                 (stay.intime + duration * rng.random()).replace(second=0, microsecond=0)
                 for _ in range(count)
@@ -581,11 +803,12 @@ class _Generator:
                 )
 
     def _study_moment(
-        self, start: dt.datetime, span: dt.timedelta, stays: list[_Stay]
+        self, start: dt.datetime, span: dt.timedelta, stays: list[_Stay], inside: bool = False
     ) -> dt.datetime:
-        """Half the studies fall inside a stay, the rest at least 5 minutes outside all."""
+        """Inside a stay (at least a minute from its bounds) when `inside`, else by the
+        profile's chance (half, by default); otherwise at least 5 minutes outside every stay."""
         rng = self.rng
-        if stays and rng.random() < 0.5:
+        if stays and (inside or rng.random() < self.profile.study_in_stay):
             stay = rng.choice(stays)
             inner = stay.outtime - stay.intime - dt.timedelta(minutes=2)
             moment = stay.intime + dt.timedelta(minutes=1) + inner * rng.random() ** 1.3
@@ -606,17 +829,25 @@ class _Generator:
     ) -> list[tuple[str, int]]:
         """Writes the patient's studies (metadata, chexpert); returns (dicom_id, study_id)s."""
         rng = self.rng
-        n_studies = 1 + min(14, int(rng.expovariate(1 / 2.6)))
+        profile = self.profile
+        if profile.studies_per_patient is None:
+            n_studies = 1 + min(14, int(rng.expovariate(1 / 2.6)))
+        else:
+            n_studies = _pick(rng, profile.studies_per_patient)
         studies = []
-        for _ in range(n_studies):
-            moment = self._study_moment(start, span, stays)
-            views = [_pick(rng, _VIEWS) for _ in range(_pick(rng, _IMAGES_PER_STUDY))]
+        for index in range(n_studies):
+            inside = profile.first_study_in_stay and index == 0
+            moment = self._study_moment(start, span, stays, inside)
+            views = [
+                _pick(rng, profile.views) for _ in range(_pick(rng, profile.images_per_study))
+            ]
             studies.append((self.ids.draw(*_STUDY_RANGE), moment, views))
         studies.sort(key=lambda s: s[0])
         written = []
         for study_id, moment, views in studies:
             self.counts["studies"] += 1
-            in_stay = any(s.intime <= moment <= s.outtime for s in stays)
+            link = linked_stay(moment, stays)
+            in_stay = link is not None
             if "AP" in views:
                 description = "CHEST (PORTABLE AP)"
             elif "PA" in views:
@@ -639,6 +870,8 @@ class _Generator:
                 ))
                 self.counts["frontal_images"] += frontal
                 self.counts["frontal_in_stay"] += frontal and in_stay
+                if frontal and link is not None:
+                    self.answer.append((dicom_id, subject_id, study_id, link.stay_id))
                 self.images.append(_Image(
                     dicom_id, schema.image_relpath(subject_id, study_id, dicom_id), index,
                     frontal and in_stay,
@@ -690,6 +923,10 @@ def _validate(n_patients: int, image_height: int, image_width: int, image_pool: 
         raise ValueError(f"faults={faults}: must be >= 0")
 
 
+ANSWER_SUBDIR = "answer"
+ANSWER_COLUMNS = ("dicom_id", "subject_id", "study_id", "stay_id")
+
+
 def generate(
     output_dir: str,
     *,
@@ -700,12 +937,18 @@ def generate(
     image_pool: int = 48,
     faults: int = 0,
     radiograph_dir: Optional[str] = None,
+    scale: Optional[str | float] = None,
+    images: bool = True,
 ) -> GeneratedDataset:
     """Writes a synthetic MIMIC-IV / MIMIC-IV-ED / MIMIC-CXR-JPG dataset under `output_dir`.
 
+    Also writes the expected default cohort beside it, computed from the generator's own
+    datetimes: `output_dir/answer/cohort.csv.gz` and `output_dir/answer/summary.json`.
+
     Args:
         output_dir: local directory or gs:// URI; the three roots are created beneath it.
-        n_patients: number of patients (each with 1-4 ED stays and ~6 images on average).
+        n_patients: number of patients (each with 1-4 ED stays and ~6 images on average);
+            ignored when `scale` is given.
         seed: the random seed; equal arguments give byte-identical CSVs.
         image_height: JPEG height in pixels (some pool images are landscape or shorter).
         image_width: JPEG width in pixels.
@@ -713,39 +956,66 @@ def generate(
         faults: number of frontal in-stay images made into each fault kind (missing, empty,
             truncated, not an image).
         radiograph_dir: folder of seed radiograph PNGs (default: shared/data/nih_chestxray14).
+        scale: "mimic" for MIMIC's published row counts (`MIMIC_ROW_COUNTS`, within ~2%), or a
+            fraction of them (0.01); None for the small `n_patients` dataset.
+        images: False writes every table but no JPEG (join-only runs); the CSVs are the same.
 
     Returns:
-        The three root directories, counts and the planted faults.
+        The three root directories, counts, the planted faults and the answer's directory.
 
     Raises:
         ValueError: bad arguments, or more faults asked for than frontal in-stay images exist.
         FileNotFoundError: no seed radiographs.
     """
+    plan = plan_scale(scale) if scale is not None else None
+    if plan is not None:
+        n_patients = plan.n_patients
     _validate(n_patients, image_height, image_width, image_pool, faults)
     started = time.monotonic()
     roots = _root_dirs(output_dir)
-    pool = encode_pool(
-        load_radiographs(radiograph_dir or DEFAULT_RADIOGRAPH_DIR), image_height, image_width,
-        image_pool, seed,
-    )
-    logging.info("encoded %d pool images in %.1f s", len(pool), time.monotonic() - started)
+    if images:
+        pool = encode_pool(
+            load_radiographs(radiograph_dir or DEFAULT_RADIOGRAPH_DIR), image_height,
+            image_width, image_pool, seed,
+        )
+        logging.info("encoded %d pool images in %.1f s", len(pool), time.monotonic() - started)
+    else:
+        pool = pool_without_pixels(image_height, image_width, image_pool, seed)
 
     rng = random.Random(seed)
     subject_ids = sorted(rng.sample(range(_SUBJECT_RANGE[0], _SUBJECT_RANGE[1] + 1), n_patients))
+    if plan is None:
+        has = [(True, True)] * n_patients
+    else:
+        # Groups interleave over the whole id range, as in MIMIC (no block of CXR subjects).
+        has = [_GROUP_HAS[name] for name, count in plan.groups.items() for _ in range(count)]
+        rng.shuffle(has)
     tables = {
         name: _CsvGz(fileio.join(roots[spec.root], spec.relpath), spec.columns)
         for name, spec in schema.TABLES.items()
     }
+    answer_dir = fileio.join(output_dir, ANSWER_SUBDIR)
+    cohort = _CsvGz(fileio.join(answer_dir, "cohort.csv.gz"), ANSWER_COLUMNS)
     try:
-        generator = _Generator(rng, tables, pool)
-        for subject_id in subject_ids:
-            generator.patient(subject_id)
+        profile = _SMALL_PROFILE if plan is None else _MIMIC_PROFILE
+        generator = _Generator(rng, tables, pool, profile)
+        for index, (subject_id, (ed, cxr)) in enumerate(zip(subject_ids, has)):
+            generator.patient(subject_id, ed=ed, cxr=cxr)
+            if index % 50_000 == 49_999:
+                logging.info("%d of %d patients in %.1f s", index + 1, n_patients,
+                             time.monotonic() - started)
         for table in tables.values():
             table.close()
+        for row in sorted(generator.answer):
+            cohort.write(row)
+        cohort.close()
         planted = _choose_faults(rng, generator.images, faults)
-        _write_images(roots[schema.MIMIC_CXR], generator.images, pool, planted)
+        logging.info("tables written in %.1f s", time.monotonic() - started)
+        if images:
+            _write_images(roots[schema.MIMIC_CXR], generator.images, pool, planted)
+            logging.info("images written in %.1f s", time.monotonic() - started)
     except BaseException:
-        for table in tables.values():
+        for table in (*tables.values(), cohort):
             table.discard()
         raise
     # The tables are published last: their presence means the images are in place.
@@ -757,11 +1027,37 @@ def generate(
     counts.update({n: tables[n].rows for n in ("triage", "vitalsign", "medrecon", "diagnosis")})
     counts.update(generator.counts)
     counts["images"] = len(generator.images)
+    counts["linked_patients"] = len({row[1] for row in generator.answer})
     counts["pool_images"] = len(pool)
+    counts["images_written"] = int(images)
     by_kind = {
         kind: tuple(sorted(d for d, k in planted.items() if k == kind)) for kind in FAULT_KINDS
     }
     counts.update({f"faults_{kind}": len(ids) for kind, ids in by_kind.items()})
+    cohort.commit()
+    _write_summary(answer_dir, {
+        "rule": "one row per frontal image (ViewPosition AP or PA) whose study datetime lies in "
+        "[intime, outtime] of an ED stay of the same subject; of several, the latest intime, "
+        "ties to the larger stay_id",
+        "cohort": "cohort.csv.gz: dicom_id, subject_id, study_id, stay_id; sorted by dicom_id",
+        "faults_note": "planted faults are linked images, so they are in cohort.csv.gz; the "
+        "pipeline makes them dead letters (failed records), not cohort losses",
+        "arguments": {
+            "scale": scale, "n_patients": n_patients, "seed": seed, "images": images,
+            "image_height": image_height, "image_width": image_width,
+            "image_pool": image_pool, "faults": faults,
+        },
+        "linked_images": len(generator.answer),
+        "linked_patients": counts["linked_patients"],
+        "linked_stays": len({row[3] for row in generator.answer}),
+        "images": counts["images"],
+        "frontal_images": counts["frontal_images"],
+        "studies": counts["studies"],
+        "ed_subjects": counts["ed_subjects"],
+        "cxr_subjects": counts["cxr_subjects"],
+        "rows": {name: table.rows for name, table in tables.items()},
+        "faults": {kind: list(ids) for kind, ids in by_kind.items()},
+    })
     logging.info("generated %d images in %.1f s", counts["images"], time.monotonic() - started)
     return GeneratedDataset(
         mimic_iv_dir=roots[schema.MIMIC_IV],
@@ -769,7 +1065,18 @@ def generate(
         mimic_cxr_dir=roots[schema.MIMIC_CXR],
         counts=counts,
         faults=by_kind,
+        answer_dir=answer_dir,
     )
+
+
+def _write_summary(answer_dir: str, summary: dict[str, Any]) -> None:
+    """summary.json, written to a temporary name and renamed."""
+    path = fileio.join(answer_dir, "summary.json")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        handle.write(json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+    fileio.delete([path])
+    FileSystems.rename([tmp], [path])
 
 
 def _choose_faults(rng: random.Random, images: Sequence[_Image], faults: int) -> dict[str, str]:
@@ -812,8 +1119,15 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True,
                         help="local directory or gs:// URI; mimic-iv/, mimic-iv-ed/ and "
                         "mimic-cxr-jpg/ are written beneath it")
-    parser.add_argument("--n_patients", type=int, default=200,
-                        help="number of patients (~6 images and ~1.9 cohort records each)")
+    parser.add_argument("--n_patients", type=int, default=None,
+                        help="number of patients (~6 images and ~1.9 cohort records each); "
+                        "200 unless --scale is given")
+    parser.add_argument("--scale", default=None,
+                        help="'mimic': MIMIC's published size (364,627 patients, 425,087 ED "
+                        "stays, 377,110 images, ...; ~4 min for the tables), or a fraction of "
+                        "it, e.g. 0.01; replaces --n_patients")
+    parser.add_argument("--no_images", action="store_true",
+                        help="write every table (identical CSVs) but no JPEG: for join-only runs")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; equal flags give byte-identical CSVs")
     parser.add_argument("--image_height", type=int, default=3056, help="JPEG height in pixels")
@@ -831,17 +1145,21 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> GeneratedDataset:
     """The CLI: generates the dataset and prints where it went and what it holds."""
     args = _parse_args(argv)
+    if args.scale is not None and args.n_patients is not None:
+        sys.exit("error: give --n_patients or --scale, not both")
     try:
         result = generate(
-            args.output_dir, n_patients=args.n_patients, seed=args.seed,
-            image_height=args.image_height, image_width=args.image_width,
+            args.output_dir, n_patients=200 if args.n_patients is None else args.n_patients,
+            seed=args.seed, image_height=args.image_height, image_width=args.image_width,
             image_pool=args.image_pool, faults=args.faults, radiograph_dir=args.radiograph_dir,
+            scale=args.scale, images=not args.no_images,
         )
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     print(f"--mimic_iv_dir  {result.mimic_iv_dir}")
     print(f"--mimic_ed_dir  {result.mimic_ed_dir}")
     print(f"--mimic_cxr_dir {result.mimic_cxr_dir}")
+    print(f"answer          {result.answer_dir}/cohort.csv.gz, summary.json")
     print(" ".join(f"{key}={value}" for key, value in result.counts.items()))
     for kind, dicom_ids in result.faults.items():
         if dicom_ids:

@@ -6,6 +6,7 @@ import collections
 import csv
 import datetime as dt
 import gzip
+import json
 import os
 import re
 from pathlib import Path
@@ -53,14 +54,43 @@ def study_datetime(row: dict[str, str]) -> dt.datetime:
 
 
 def linked_stay(row: dict[str, str], stays: list[dict[str, str]]) -> Optional[dict[str, str]]:
-    """The SPEC's rule: the containing stay of the same subject with the latest intime."""
+    """The SPEC's rule: the containing stay of the same subject with the latest intime (ties:
+    the larger stay_id)."""
     moment = study_datetime(row)
     inside = [
         s for s in stays
         if dt.datetime.strptime(s["intime"], TIME) <= moment
         <= dt.datetime.strptime(s["outtime"], TIME)
     ]
-    return max(inside, key=lambda s: s["intime"]) if inside else None
+    return max(inside, key=lambda s: (s["intime"], int(s["stay_id"]))) if inside else None
+
+
+def cohort_from_files(result: GeneratedDataset) -> set[tuple[str, str, str, str]]:
+    """The default cohort recomputed from the written CSVs alone, read with csv and gzip."""
+    ed, cxr = Path(result.mimic_ed_dir), Path(result.mimic_cxr_dir)
+    with gzip.open(ed / "ed" / "edstays.csv.gz", "rt", newline="") as handle:
+        stays = collections.defaultdict(list)
+        for stay in csv.DictReader(handle):
+            stays[stay["subject_id"]].append(stay)
+    cohort = set()
+    with gzip.open(cxr / "mimic-cxr-2.0.0-metadata.csv.gz", "rt", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["ViewPosition"] not in ("AP", "PA"):
+                continue
+            stay = linked_stay(row, stays[row["subject_id"]])
+            if stay is not None:
+                cohort.add((row["dicom_id"], row["subject_id"], row["study_id"], stay["stay_id"]))
+    return cohort
+
+
+def answer_of(result: GeneratedDataset) -> tuple[list[tuple[str, ...]], dict]:
+    """The generator's answer: cohort.csv.gz rows in file order, and summary.json."""
+    with gzip.open(Path(result.answer_dir) / "cohort.csv.gz", "rt", newline="") as handle:
+        reader = csv.reader(handle)
+        assert next(reader) == ["dicom_id", "subject_id", "study_id", "stay_id"]
+        rows = [tuple(r) for r in reader]
+    summary = json.loads((Path(result.answer_dir) / "summary.json").read_text())
+    return rows, summary
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +398,127 @@ def test_writes_to_gcs(gcs_emulator: str) -> None:
     assert pixels.shape == (int(row["Rows"]), int(row["Columns"]))
     empty = result.faults["empty"][0]
     assert [len(fileio.read_bytes(p)) for p in images if empty in p] == [0]
+
+
+def test_answer_is_the_cohort_recomputed_from_the_files(
+    dataset: GeneratedDataset, tables: dict[str, list[dict[str, str]]]
+) -> None:
+    rows, summary = answer_of(dataset)
+    assert Path(dataset.answer_dir) == Path(dataset.mimic_cxr_dir).parent / "answer"
+    assert rows == sorted(rows) and len(set(rows)) == len(rows)  # sorted by dicom_id
+    assert set(rows) == cohort_from_files(dataset)
+    # Planted faults are linked images: they stay in the answer (dead letters later).
+    faulted = {d for ids in dataset.faults.values() for d in ids}
+    assert faulted and faulted <= {r[0] for r in rows}
+    assert summary["faults"] == {k: list(v) for k, v in dataset.faults.items()}
+    assert summary["linked_images"] == len(rows) == dataset.counts["frontal_in_stay"]
+    assert summary["linked_patients"] == len({r[1] for r in rows})
+    assert summary["linked_patients"] == dataset.counts["linked_patients"]
+    assert summary["rows"] == {name: len(tables[name]) for name in schema.TABLES}
+    assert summary["images"] == len(tables["metadata"])
+    assert summary["frontal_images"] == dataset.counts["frontal_images"]
+
+
+def test_scale_plan_aims_at_mimic_row_counts() -> None:
+    plan = synthetic_mimic.plan_scale("mimic")
+    assert plan.factor == 1.0 and plan.n_patients == 364_627
+    expected = synthetic_mimic.expected_counts(plan)
+    for name, real in synthetic_mimic.MIMIC_ROW_COUNTS.items():
+        assert abs(expected[name] / real - 1) < 0.02, (name, expected[name], real)
+    assert 0.63 < expected["frontal_images"] / expected["metadata"] < 0.66
+    assert 108_000 < expected["linked_images"] < 116_000
+    groups = plan.groups
+    ed = groups["ed_and_cxr"] + groups["ed_only"]
+    assert 200_000 < ed < 210_000 and 0.2 < groups["ed_and_cxr"] / ed < 0.3
+    assert groups["cxr_only"] > 0 and groups["neither"] > 0
+
+    tenth = synthetic_mimic.plan_scale(0.1)
+    assert tenth.groups == {k: round(v / 10) for k, v in groups.items()}
+    assert synthetic_mimic.plan_scale("0.1") == tenth
+    for bad in ("big", 0, -1, 11, "nan"):
+        with pytest.raises(ValueError, match="scale="):
+            synthetic_mimic.plan_scale(bad)
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory: pytest.TempPathFactory) -> GeneratedDataset:
+    """MIMIC's shape at 1/500 of its size (~730 patients), tables only."""
+    out = tmp_path_factory.mktemp("scaled")
+    return generate(str(out), scale=0.002, seed=11, images=False, faults=1)
+
+
+def test_small_scale_has_mimic_shape_and_the_answer_holds(scaled: GeneratedDataset) -> None:
+    plan = synthetic_mimic.plan_scale(0.002)
+    expected = synthetic_mimic.expected_counts(plan)
+    groups = plan.groups
+    counts = scaled.counts
+    assert counts["patients"] == plan.n_patients
+    assert counts["ed_subjects"] == groups["ed_and_cxr"] + groups["ed_only"]
+    assert counts["cxr_subjects"] == groups["ed_and_cxr"] + groups["cxr_only"]
+    for name, key in (("edstays", "stays"), ("metadata", "images"), ("admissions", "admissions"),
+                      ("vitalsign", "vitalsign"), ("medrecon", "medrecon")):
+        assert abs(counts[key] / expected[name] - 1) < 0.2, (name, counts[key], expected[name])
+    assert abs(counts["frontal_in_stay"] / expected["linked_images"] - 1) < 0.2
+    assert counts["stays_without_triage"] <= 0.01 * counts["stays"]
+    assert list(Path(scaled.mimic_cxr_dir).rglob("*.jpg")) == []
+
+    patients = {r["subject_id"] for r in read_table(scaled, "patients")}
+    with_stays = {r["subject_id"] for r in read_table(scaled, "edstays")}
+    with_cxr = {r["subject_id"] for r in read_table(scaled, "metadata")}
+    assert with_stays | with_cxr < patients  # hosp-only patients exist
+    assert with_cxr - with_stays and with_stays - with_cxr and with_stays & with_cxr
+    # CXR subjects interleave with the others over the whole id range.
+    ordered = sorted(patients, key=int)
+    flags = [s in with_cxr for s in ordered]
+    assert sum(a != b for a, b in zip(flags, flags[1:])) > len(with_cxr) // 2
+
+    rows, summary = answer_of(scaled)
+    assert set(rows) == cohort_from_files(scaled)
+    assert summary["linked_patients"] == len({r[1] for r in rows}) > 0
+    assert summary["arguments"]["scale"] == 0.002 and not summary["arguments"]["images"]
+    assert {d for ids in scaled.faults.values() for d in ids} <= {r[0] for r in rows}
+
+
+def test_tables_only_gives_the_same_csvs_and_no_jpeg(tmp_path: Path) -> None:
+    args = dict(n_patients=12, seed=3, image_height=48, image_width=40, image_pool=2, faults=1)
+    full = generate(str(tmp_path / "full"), **args)
+    bare = generate(str(tmp_path / "bare"), images=False, **args)
+    assert list((tmp_path / "bare").rglob("*.jpg")) == []
+    assert len(list((tmp_path / "full").rglob("*.jpg"))) == full.counts["images"] - 1
+    for name in schema.TABLES:
+        assert Path(table_path(bare, name)).read_bytes() == Path(
+            table_path(full, name)).read_bytes(), name
+    assert (Path(bare.answer_dir) / "cohort.csv.gz").read_bytes() == (
+        Path(full.answer_dir) / "cohort.csv.gz").read_bytes()
+    assert bare.faults == full.faults
+
+
+def test_scaled_generation_is_deterministic(tmp_path: Path, scaled: GeneratedDataset) -> None:
+    again = generate(str(tmp_path), scale=0.002, seed=11, images=False, faults=1)
+    for name in schema.TABLES:
+        assert Path(table_path(again, name)).read_bytes() == Path(
+            table_path(scaled, name)).read_bytes(), name
+    for name in ("cohort.csv.gz", "summary.json"):
+        assert (Path(again.answer_dir) / name).read_bytes() == (
+            Path(scaled.answer_dir) / name).read_bytes(), name
+
+
+def test_cli_scale_and_no_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = synthetic_mimic.main([
+        "--output_dir", str(tmp_path), "--scale", "0.0005", "--no_images", "--seed", "2",
+    ])
+    out = capsys.readouterr().out
+    assert f"answer          {tmp_path}/answer/cohort.csv.gz" in out
+    assert result.counts["images_written"] == 0
+    assert result.counts["patients"] == synthetic_mimic.plan_scale(0.0005).n_patients
+    assert list(tmp_path.rglob("*.jpg")) == []
+    with pytest.raises(SystemExit, match="not both"):
+        synthetic_mimic.main(["--output_dir", str(tmp_path), "--scale", "mimic",
+                              "--n_patients", "5"])
+    with pytest.raises(SystemExit, match="scale='huge'"):
+        synthetic_mimic.main(["--output_dir", str(tmp_path), "--scale", "huge"])
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic_mimic.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--scale" in help_text and "--no_images" in help_text

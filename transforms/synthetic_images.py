@@ -119,7 +119,7 @@ def encode_pool(
         raise ValueError(f"image size {height}x{width} is too small: both sides must be >= 16")
     if count < 1:
         raise ValueError(f"image_pool={count}: need at least one pool image")
-    rng = np.random.default_rng([seed, 0x0C8])
+    rng = _pool_rng(seed)
     pool = []
     for index, (h, w) in enumerate(pool_shapes(height, width, count, rng)):
         pixels = synthesize_radiograph(sources[index % len(sources)], h, w, rng)
@@ -129,6 +129,15 @@ def encode_pool(
             raise RuntimeError("OpenCV failed to encode a JPEG")
         pool.append(EncodedImage(buf.tobytes(), h, w))
     return pool
+
+
+def pool_without_pixels(height: int, width: int, count: int, seed: int) -> list[EncodedImage]:
+    """The sizes `encode_pool` gives for the same arguments, with empty bytes (tables only)."""
+    return [EncodedImage(b"", h, w) for h, w in pool_shapes(height, width, count, _pool_rng(seed))]
+
+
+def _pool_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 0x0C8])
 
 
 def fault_bytes(kind: str, image: EncodedImage) -> bytes | None:
