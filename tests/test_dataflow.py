@@ -110,6 +110,9 @@ def test_example_is_valid_json_that_documents_every_key() -> None:
          "key 'experiments' must be a list, got \"no_use_multiple_sdk_containers\""),
         ({"extra_flags": ["--runner", "DirectRunner"]},
          "'extra_flags' must not set --runner: run_dataflow.sh sets it"),
+        ({"extra_flags": ["--aggresive_filtering", "--views", "AP"]},
+         "'extra_flags': unknown flag --aggresive_filtering (did you mean "
+         "--aggressive_filtering?)"),
     ],
 )
 def test_bad_config_names_the_key_and_what_is_allowed(changes: dict, message: str) -> None:
@@ -136,6 +139,27 @@ def test_the_script_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     missing = _script("--config", str(tmp_path / "absent.json"), "--dry-run")
     assert missing.returncode == 2
     assert "no such config file; copy dataflow_config.json.example" in missing.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chunksize", "10"], "error: unknown flag --chunksize (did you mean --chunk_size?)"),
+    (["--dry_runn"], "error: unknown flag --dry_runn (did you mean --dry_run?)"),
+    (["--loc"], "error: unknown flag --loc (did you mean --local?)"),  # no prefixes
+])
+def test_a_mistyped_pass_through_flag_stops_the_script(tmp_path: Path, flags, message) -> None:
+    config = _write_config(tmp_path / "dataflow_config.json")
+    done = _script("--config", str(config), "--dry-run", *flags)
+    assert done.returncode == 2
+    assert done.stderr == message + "\n"
+    assert "Command:" not in done.stdout
+
+
+def test_known_pass_through_flags_reach_the_command(tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "dataflow_config.json")
+    done = _script("--config", str(config), "--dry-run", "--aggressive_filtering",
+                   "--number_of_worker_harness_threads", "2", "--log_level", "WARNING")
+    assert done.returncode == 0, done.stderr
+    assert "--aggressive_filtering" in done.stdout and "--log_level WARNING" in done.stdout
 
 
 def test_local_mode_takes_local_paths_relative_to_the_config(tmp_path: Path) -> None:
