@@ -349,6 +349,8 @@ def test_sdist_holds_both_packages_their_data_and_the_requirements(sdist: Path) 
                    "transforms/images.py", "transforms/notes.py", "transforms/cohort.py",
                    "transforms/chunks/format.py", "transforms/knowledge/retrieval.py",
                    "transforms/knowledge/knowledge_base.jsonl",
+                   "transforms/radiographs/00000001_000.png",
+                   "transforms/radiographs/00027426_000.png", "transforms/radiographs/README.md",
                    "requirements_dataflow.txt", "setup.py"):
         assert module in members, f"{module} is not in the sdist"
     assert not any(m.startswith(("benchmarks/", ".venv/", "output/")) for m in members)
@@ -393,11 +395,14 @@ def test_sdist_installs_in_a_clean_venv(sdist: Path, tmp_path: Path) -> None:
     check = """
 import importlib.metadata, importlib.resources, json, sys
 import pipelines.build_dataset, pipelines.dataflow_config, transforms.chunks, transforms.images
-import transforms.notes
+import transforms.notes, transforms.synthetic_images
 kb = importlib.resources.files("transforms.knowledge") / "knowledge_base.jsonl"
+seeds = transforms.synthetic_images.DEFAULT_RADIOGRAPH_DIR
 print(json.dumps({
     "pipelines": pipelines.build_dataset.__file__, "transforms": transforms.images.__file__,
     "kb_lines": len(kb.read_text().splitlines()),
+    "seed_images": len(transforms.synthetic_images.load_radiographs(seeds)),
+    "seeds_installed": str(seeds),
     "requires": importlib.metadata.requires("mimic-multimodal-beam"),
     "repo_on_path": any(p.rstrip("/") == sys.argv[1] for p in sys.path)}))
 """
@@ -411,6 +416,7 @@ print(json.dumps({
     assert found["pipelines"].startswith(str(site)) and found["transforms"].startswith(str(site))
     assert not found["repo_on_path"]
     assert found["kb_lines"] > 0
+    assert found["seed_images"] == 2 and found["seeds_installed"].startswith(str(site))
     assert found["requires"] == REQUIREMENTS
     helped = subprocess.run([str(python), "-m", "pipelines.build_dataset", "--help"],
                             capture_output=True, text=True, cwd=workdir, env=env)
