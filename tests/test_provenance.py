@@ -241,3 +241,11 @@ def test_a_report_failure_with_examples_records_only_the_type(tmp_path: Path,
     monkeypatch.setattr(report, "read_examples", lambda *args: [])
     result = report.publish_report(str(tmp_path), make_meta(), examples_per_split=2)
     assert result == {"report": None, "report_error": "UnicodeEncodeError"}
+
+
+def test_the_report_shows_the_provenance() -> None:
+    meta = {**make_meta(), "provenance": {"git_commit": "0123abc", "git_dirty": True}}
+    page = report.render_report(meta)[report.REPORT_NAME].decode()
+    assert '<h2 id="provenance">Provenance</h2>' in page
+    assert 'data-key="git_commit.value">0123abc<' in page
+    assert 'data-key="git_dirty.value">true<' in page

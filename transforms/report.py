@@ -435,6 +435,7 @@ def render_report(
     config = _table(("setting", "value"),
                     [(k, _value(v)) for k, v in sorted(meta["config"].items())], numeric_from=2)
     versions = _table(("package", "version"), sorted(meta["versions"].items()), numeric_from=2)
+    provenance = meta.get("provenance") or {}
     body = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -455,8 +456,12 @@ def render_report(
     body += [
         '<h2 id="configuration">Configuration</h2>', config,
         '<h2 id="versions">Versions</h2>', versions,
-        "</body></html>",
     ]
+    if provenance:
+        body += ['<h2 id="provenance">Provenance</h2>', _table(
+            ("item", "value"), [(k, _value(v)) for k, v in sorted(provenance.items())],
+            numeric_from=2)]
+    body.append("</body></html>")
     files[REPORT_NAME] = ("\n".join(body) + "\n").encode()
     return files
 
