@@ -30,7 +30,7 @@ from transforms import dataset_card, fileio, report, schema
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.errors import InputError
 from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
-from transforms.provenance import PROJECT_DISTRIBUTION, collect, package_versions
+from transforms.provenance import collect, package_versions
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.spill import TMP_DIR, SpillRef, tmp_dir
 from transforms.splits import (
