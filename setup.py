@@ -2,9 +2,17 @@
 
 from pathlib import Path
 
+import re
+
 import setuptools
 
 HERE = Path(__file__).resolve().parent
+
+
+def _version() -> str:
+    """The one version string, `transforms.__version__` (read, not imported: no Beam here)."""
+    text = (HERE / "transforms" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
 def _requirements() -> list[str]:
@@ -14,12 +22,16 @@ def _requirements() -> list[str]:
 
 setuptools.setup(
     name="mimic-multimodal-beam",
-    version="0.1.0",
+    version=_version(),
     description="MIMIC-IV + MIMIC-IV-ED + MIMIC-CXR-JPG to multimodal torch chunks on Beam",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the code uses hashlib.file_digest
     packages=setuptools.find_packages(include=["pipelines", "pipelines.*", "transforms",
                                                "transforms.*"]),
-    package_data={"transforms.knowledge": ["*.jsonl"]},
+    package_data={
+        "transforms.knowledge": ["*.jsonl"],
+        # The seed radiographs of the synthetic demo (NIH ChestX-ray14, see their README).
+        "transforms": ["radiographs/*.png", "radiographs/*.md", "radiographs/*.csv"],
+    },
     include_package_data=True,
     install_requires=_requirements(),
 )

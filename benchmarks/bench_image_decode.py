@@ -1,7 +1,7 @@
 """Decode paths for full-size radiograph JPEGs, and the image stage's throughput.
 
 Builds realistic MIMIC-CXR-JPG-sized JPEGs (2544 wide x 3056 high, quality 95, ~1.2 MB) from the
-real NIH radiographs in shared/data (upsampled, re-exposed, fine film grain: see
+real NIH radiographs bundled in transforms/radiographs (upsampled, re-exposed, fine film grain: see
 transforms/synthetic_images.py), then prints, per image on one core:
   - decode time: cv2.imdecode IMREAD_GRAYSCALE, IMREAD_REDUCED_GRAYSCALE_2/_4/_8, Pillow full
     and Pillow with draft() (DCT-domain reduction picked for the target size);

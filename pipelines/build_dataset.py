@@ -20,10 +20,11 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines import cli
 from pipelines.local_runner import apply_runner_defaults, is_local
 from pipelines.malloc import limit_malloc_arenas
 from pipelines.options import DatasetConfig, DatasetOptions, config_from_options
-from transforms import fileio, schema
+from transforms import dataset_card, fileio, schema
 from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
 from transforms.images import MAIN_TAG as IMAGES_TAG
@@ -175,10 +176,15 @@ def help_text() -> str:
 
 def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     """Runs Phase 1. Returns metadata.json's content once a local run completes (None for a
-    submitted remote job). Raises InputError, before any work, on bad flags or inputs."""
+    submitted remote job). Raises InputError, before any work, on bad flags (an unknown one
+    too: Beam would only log it and run) or inputs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(help_text())
+        return None
+    cli.check_flags(argv)
+    if "--version" in argv:
+        print(cli.version_text())
         return None
     options = PipelineOptions(argv)
     cfg = config_from_options(options)
@@ -241,18 +247,20 @@ def summary_text(metadata: dict, output_dir: str, elapsed: float) -> str:
             f"{reason} {n}" for reason, n in sorted(metadata["dropped"].items()) if n) or "none"),
         "  failed: " + (", ".join(
             f"{reason} {n}" for reason, n in sorted(metadata["failed"].items()) if n) or "none"),
+        "  report: " + (fileio.join(output_dir, metadata["report"]) if metadata.get("report")
+                        else f"not written ({metadata.get('report_error')})"),
+        "  dataset card: " + fileio.join(output_dir, dataset_card.CARD_NAME),
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
     limit_malloc_arenas()  # before the runner starts its worker threads
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_NoConservationTraceback())
-    sys.stderr = _StderrWithoutConservationTraceback(sys.stderr)
     try:
+        cli.configure_logging(cli.log_level(sys.argv[1:]))
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_NoConservationTraceback())
+        sys.stderr = _StderrWithoutConservationTraceback(sys.stderr)
         run()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

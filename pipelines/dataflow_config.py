@@ -370,7 +370,27 @@ def validate(raw: Any, source: str = "dataflow_config.json", *, dataflow: bool =
         if flag.startswith("--runner") or flag.startswith("--setup_file"):
             raise _error(source, f"'extra_flags' must not set {flag.split('=')[0]}: "
                          "run_dataflow.sh sets it")
+    _check_pipeline_flags(values["extra_flags"], f"{source}: 'extra_flags': ")
     return DataflowConfig(source, values)
+
+
+def _check_pipeline_flags(flags: Sequence[str], context: str = "") -> None:
+    """Flags passed through to the pipeline must be ones it knows (see `pipelines.cli`):
+    a mistyped one stops here, before anything is submitted.
+
+    Raises:
+        ConfigError: naming the flag and the nearest known one.
+    """
+    if not flags:
+        return
+    from pipelines import cli  # imports Beam's options: only when there is something to check
+
+    try:
+        # run_dataflow.sh's own flags are suggested too (`--dry_runn`).
+        launcher = [s for action in _parser()._actions for s in action.option_strings]
+        cli.check_flags(flags, also_known=launcher)
+    except InputError as err:
+        raise ConfigError(f"{context}{err}") from None
 
 
 def load(path: str | os.PathLike, *, dataflow: bool = True) -> DataflowConfig:
@@ -572,9 +592,9 @@ def format_estimate(est: Estimate, costs: dict, costs_path: str | os.PathLike) -
 
 
 # ----------------------------------------------------------------------------- CLI
-def _parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="run_dataflow.sh",
+        prog="run_dataflow.sh", allow_abbrev=False,
         description="Validate dataflow_config.json and run the dataset pipeline on Dataflow "
         "(or locally with --local). Unknown flags are passed to the pipeline.",
     )
@@ -593,6 +613,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list
                         help="Measured per-record costs for the estimate.")
     parser.add_argument("--compute_indices_only", action="store_true",
                         help="Only compute stratification_indices.json (step 1 of 2).")
+    return parser
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
+    parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.limit is not None and not args.local:
         parser.error("--limit goes with --local (a Dataflow run processes every record)")
@@ -606,6 +631,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, extra = _parse_args(argv)
     try:
+        _check_pipeline_flags(extra)
         cfg = load(args.config, dataflow=not args.local)
         command = pipeline_command(
             cfg, local=args.local,

@@ -11,6 +11,8 @@ from transforms.errors import InputError
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION
 
 DEFAULT_OUTPUT_DIR = "output"
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 class DatasetOptions(PipelineOptions):
@@ -117,6 +119,15 @@ class DatasetOptions(PipelineOptions):
             "PhysioNet datasets: share such a report only under the data use agreement. "
             "0: none, the report holds aggregate counts only.")
 
+        # How the launcher behaves; none of these shapes the output (not in DatasetConfig).
+        run = parser.add_argument_group("run")
+        run.add_argument(
+            "--log_level", default=DEFAULT_LOG_LEVEL, type=str.upper, choices=LOG_LEVELS,
+            help="Log level of the run (third-party progress bars and warnings stay out).")
+        run.add_argument(
+            "--version", action="store_true", default=False,
+            help="Print the project's version and exit.")
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
@@ -159,12 +170,14 @@ class DatasetConfig:
     def summary(self) -> dict:
         """The configuration recorded in metadata.json: everything that shapes the output.
 
-        Where the output goes (`output_dir`) and whether it replaced an old one (`overwrite`)
-        do not shape it, so the same inputs give the same bytes wherever they are written.
+        Where the output goes (`output_dir`), whether it replaced an old one (`overwrite`) and
+        who pays for the reads (`requester_pays_project`, a billing account the dataset must
+        not reveal) do not shape it, so the same inputs give the same bytes wherever they are
+        written and whoever runs them.
         """
         recorded = dataclasses.asdict(self)
-        for location_only in ("output_dir", "overwrite"):
-            recorded.pop(location_only)
+        for not_shaping in ("output_dir", "overwrite", "requester_pays_project"):
+            recorded.pop(not_shaping)
         return recorded
 
 

@@ -955,7 +955,8 @@ def generate(
         image_pool: number of distinct encoded JPEGs whose bytes every image reuses.
         faults: number of frontal in-stay images made into each fault kind (missing, empty,
             truncated, not an image).
-        radiograph_dir: folder of seed radiograph PNGs (default: shared/data/nih_chestxray14).
+        radiograph_dir: folder of seed radiograph PNGs (default: the two NIH ChestX-ray14 PNGs
+            bundled in transforms/radiographs/).
         scale: "mimic" for MIMIC's published row counts (`MIMIC_ROW_COUNTS`, within ~2%), or a
             fraction of them (0.01); None for the small `n_patients` dataset.
         images: False writes every table but no JPEG (join-only runs); the CSVs are the same.
@@ -1137,8 +1138,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--faults", type=int, default=0,
                         help="frontal in-stay images made into each fault kind: missing, "
                         "empty, truncated, not an image")
-    parser.add_argument("--radiograph_dir", default=str(DEFAULT_RADIOGRAPH_DIR),
-                        help="folder of seed radiograph PNGs for the image texture")
+    parser.add_argument("--radiograph_dir", default=None,
+                        help="folder of seed radiograph PNGs for the image texture (default: "
+                        "the two NIH ChestX-ray14 PNGs bundled in transforms/radiographs/)")
     return parser.parse_args(argv)
 
 

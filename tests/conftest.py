@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "nih_chestxray14"
+RADIOGRAPHS = REPO / "transforms" / "radiographs"  # bundled: the repository stands alone
 TEST_BUCKET = "test-bucket"
 
 
@@ -82,8 +82,8 @@ def gcs_emulator() -> str:
 @pytest.fixture(scope="session")
 def radiograph_pngs() -> list[Path]:
     """The two real NIH ChestX-ray14 radiographs (512x512 greyscale PNG)."""
-    paths = sorted(SHARED_DATA.glob("*.png"))
-    assert len(paths) == 2, f"expected the two real radiographs in {SHARED_DATA}"
+    paths = sorted(RADIOGRAPHS.glob("*.png"))
+    assert len(paths) == 2, f"expected the two real radiographs in {RADIOGRAPHS}"
     return paths
 
 

@@ -110,6 +110,9 @@ def test_example_is_valid_json_that_documents_every_key() -> None:
          "key 'experiments' must be a list, got \"no_use_multiple_sdk_containers\""),
         ({"extra_flags": ["--runner", "DirectRunner"]},
          "'extra_flags' must not set --runner: run_dataflow.sh sets it"),
+        ({"extra_flags": ["--aggresive_filtering", "--views", "AP"]},
+         "'extra_flags': unknown flag --aggresive_filtering (did you mean "
+         "--aggressive_filtering?)"),
     ],
 )
 def test_bad_config_names_the_key_and_what_is_allowed(changes: dict, message: str) -> None:
@@ -136,6 +139,27 @@ def test_the_script_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     missing = _script("--config", str(tmp_path / "absent.json"), "--dry-run")
     assert missing.returncode == 2
     assert "no such config file; copy dataflow_config.json.example" in missing.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chunksize", "10"], "error: unknown flag --chunksize (did you mean --chunk_size?)"),
+    (["--dry_runn"], "error: unknown flag --dry_runn (did you mean --dry_run?)"),
+    (["--loc"], "error: unknown flag --loc (did you mean --local?)"),  # no prefixes
+])
+def test_a_mistyped_pass_through_flag_stops_the_script(tmp_path: Path, flags, message) -> None:
+    config = _write_config(tmp_path / "dataflow_config.json")
+    done = _script("--config", str(config), "--dry-run", *flags)
+    assert done.returncode == 2
+    assert done.stderr == message + "\n"
+    assert "Command:" not in done.stdout
+
+
+def test_known_pass_through_flags_reach_the_command(tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "dataflow_config.json")
+    done = _script("--config", str(config), "--dry-run", "--aggressive_filtering",
+                   "--number_of_worker_harness_threads", "2", "--log_level", "WARNING")
+    assert done.returncode == 0, done.stderr
+    assert "--aggressive_filtering" in done.stdout and "--log_level WARNING" in done.stdout
 
 
 def test_local_mode_takes_local_paths_relative_to_the_config(tmp_path: Path) -> None:
@@ -325,6 +349,8 @@ def test_sdist_holds_both_packages_their_data_and_the_requirements(sdist: Path) 
                    "transforms/images.py", "transforms/notes.py", "transforms/cohort.py",
                    "transforms/chunks/format.py", "transforms/knowledge/retrieval.py",
                    "transforms/knowledge/knowledge_base.jsonl",
+                   "transforms/radiographs/00000001_000.png",
+                   "transforms/radiographs/00027426_000.png", "transforms/radiographs/README.md",
                    "requirements_dataflow.txt", "setup.py"):
         assert module in members, f"{module} is not in the sdist"
     assert not any(m.startswith(("benchmarks/", ".venv/", "output/")) for m in members)
@@ -369,11 +395,14 @@ def test_sdist_installs_in_a_clean_venv(sdist: Path, tmp_path: Path) -> None:
     check = """
 import importlib.metadata, importlib.resources, json, sys
 import pipelines.build_dataset, pipelines.dataflow_config, transforms.chunks, transforms.images
-import transforms.notes
+import transforms.notes, transforms.synthetic_images
 kb = importlib.resources.files("transforms.knowledge") / "knowledge_base.jsonl"
+seeds = transforms.synthetic_images.DEFAULT_RADIOGRAPH_DIR
 print(json.dumps({
     "pipelines": pipelines.build_dataset.__file__, "transforms": transforms.images.__file__,
     "kb_lines": len(kb.read_text().splitlines()),
+    "seed_images": len(transforms.synthetic_images.load_radiographs(seeds)),
+    "seeds_installed": str(seeds),
     "requires": importlib.metadata.requires("mimic-multimodal-beam"),
     "repo_on_path": any(p.rstrip("/") == sys.argv[1] for p in sys.path)}))
 """
@@ -387,6 +416,7 @@ print(json.dumps({
     assert found["pipelines"].startswith(str(site)) and found["transforms"].startswith(str(site))
     assert not found["repo_on_path"]
     assert found["kb_lines"] > 0
+    assert found["seed_images"] == 2 and found["seeds_installed"].startswith(str(site))
     assert found["requires"] == REQUIREMENTS
     helped = subprocess.run([str(python), "-m", "pipelines.build_dataset", "--help"],
                             capture_output=True, text=True, cwd=workdir, env=env)

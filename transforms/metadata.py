@@ -2,8 +2,9 @@
 
 `WriteMetadata` runs once every chunk is written (it waits on the list of all `ChunkInfo`s)
 and publishes, in order: the dead letters under `failed/`, `stratification_indices.json`, the
-dataset report (`report.html` and `report/`, see `transforms.report`), and `metadata.json`
-last, whose presence marks the output complete. It then removes the run's temporary files.
+dataset report (`report.html` and `report/`, see `transforms.report`; a failure there is
+recorded, not fatal), `DATASET_CARD.md` (`transforms.dataset_card`), and `metadata.json` last,
+whose presence marks the output complete. It then removes the run's temporary files.
 Every input it reads is small (chunk entries, counts, refs; the report's example records, when
 asked for, are read back from the written chunks); the manifest is a pure function of them
 (sorted keys, no timestamps), so it is byte-identical across runs.
@@ -16,23 +17,22 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import math
-import platform
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import fileio, report, schema
+from transforms import dataset_card, fileio, report, schema
 from transforms import ledger as ledger_names
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, check_conservation
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.errors import InputError
 from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
+from transforms.provenance import collect, package_versions
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.spill import TMP_DIR, SpillRef, tmp_dir
 from transforms.splits import (
@@ -46,7 +46,6 @@ from transforms.splits import (
 METADATA_NAME = "metadata.json"
 FAILED_DIR = "failed"
 FAILED_NAME = "failed-00000-of-00001.jsonl"
-PROJECT_DISTRIBUTION = "mimic-multimodal-beam"
 LABEL_CLASSES: tuple[str, ...] = ("positive", "negative", "uncertain", "missing")
 _LABEL_VALUES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
 # What a run writes under the output dir, and so what a new run may clear. The indices file
@@ -86,7 +85,8 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     A complete output (metadata.json present) stops the run unless `overwrite`; with it, or
     for an incomplete output (what a crashed run left), metadata.json goes first (so a crash
     while clearing leaves an output that reads as incomplete), then train/, val/, test/,
-    failed/, _tmp/, report/ and report.html (so no example record of an earlier run is left).
+    failed/, _tmp/, report/, report.html (so no example record of an earlier run is left) and
+    DATASET_CARD.md.
     Other files in the directory are not touched.
 
     Raises:
@@ -103,7 +103,8 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         fileio.delete([metadata])
     for name in _RUN_DIRS:
         _delete_tree(fileio.join(output_dir, name))
-    fileio.delete([fileio.join(output_dir, report.REPORT_NAME)])
+    fileio.delete([fileio.join(output_dir, report.REPORT_NAME),
+                   fileio.join(output_dir, dataset_card.CARD_NAME)])
 
 
 def _label_class(value: float) -> str:
@@ -252,19 +253,8 @@ def split_summary(
 
 
 def versions() -> dict[str, str]:
-    """The versions that shape the bytes of the output."""
-    import torch
-
-    try:
-        project = importlib.metadata.version(PROJECT_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        project = "not installed"
-    return {
-        "python": platform.python_version(),
-        "apache_beam": beam.__version__,
-        "torch": torch.__version__,
-        PROJECT_DISTRIBUTION: project,
-    }
+    """The versions that shape the bytes of the output (see `transforms.provenance`)."""
+    return package_versions()
 
 
 def _reason_counts(known: Sequence[str], counts: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -306,6 +296,7 @@ def build_metadata(
     image_size: int,
     feature_names: Sequence[str],
     label_names: Sequence[str] = schema.CHEXPERT_LABELS,
+    provenance: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """The metadata.json document: a function of its arguments and the installed versions.
 
@@ -320,6 +311,8 @@ def build_metadata(
         image_size: side of the stored square images.
         feature_names: names of clinical_data's columns.
         label_names: names of the 14 labels.
+        provenance: `transforms.provenance.collect()`, made once on the launcher (None: the
+            versions installed here, no provenance).
     """
     check_chunks(chunks, stats)
     ordered = sorted(chunks, key=lambda c: (SPLITS.index(c.split), c.index))
@@ -333,7 +326,8 @@ def build_metadata(
         "label_names": list(label_names),
         "chunks": [dataclasses.asdict(c) for c in ordered],
         "config": dict(config),
-        "versions": versions(),
+        "versions": dict(provenance["versions"]) if provenance else versions(),
+        "provenance": dict(provenance["provenance"]) if provenance else None,
         "dropped": _reason_counts(DROP_REASONS, dropped),
         "failed": _reason_counts(FAIL_REASONS, failed),
         "splits": {split: stats[split] for split in SPLITS},
@@ -393,8 +387,9 @@ def check_failed_fraction(
 
 
 class _CommitFn(beam.DoFn):
-    """Checks the run's ledger, then publishes failed/, the indices, the report and
-    metadata.json (last), then drops the temporaries."""
+    """Checks the run's ledger and loss guard, then publishes failed/, the indices, the report
+    (a failed report is recorded, not fatal), DATASET_CARD.md and metadata.json (last), then
+    drops the temporaries."""
 
     def __init__(self, output_dir: str, settings: dict, report_examples: int,
                  tables: Sequence[str], max_failed_fraction: float) -> None:
@@ -440,8 +435,8 @@ class _CommitFn(beam.DoFn):
             for path in fileio.list_files(fileio.join(out, split, "*.tmp-*"))
         ]
         fileio.delete(leftovers)
-        examples = report.read_examples(out, meta, self._report_examples)
-        report.write_report(out, meta, examples)
+        meta.update(report.publish_report(out, meta, self._report_examples))
+        dataset_card.write_card(out, meta)
         fileio.write_bytes(fileio.join(out, METADATA_NAME), metadata_bytes(meta))
         try:
             _delete_tree(tmp_dir(out))
@@ -477,6 +472,9 @@ class WriteMetadata(beam.PTransform):
             the start of the note: patient data). 0, the default, shows none.
         tables: the tables the join read (their rows-read counts must be in the ledger).
         max_failed_fraction: the largest share of the records that may fail (dead letters).
+        provenance: versions, digests and commit for metadata.json (`provenance.collect()`);
+            None: collected here, once, at construction on the launcher, for the text
+            settings in `config` ("embedding_model", "knowledge_base", "tokenizer").
     """
 
     INPUTS = ("chunks", "refs", "assignment", "dead_letters", "dropped", "ledger")
@@ -492,6 +490,7 @@ class WriteMetadata(beam.PTransform):
         report_examples: int = 0,
         tables: Sequence[str] = (),
         max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+        provenance: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__()
         if not 0 <= max_failed_fraction <= 1:
@@ -513,6 +512,9 @@ class WriteMetadata(beam.PTransform):
             "image_size": int(image_size),
             "feature_names": list(feature_names),
             "label_names": list(label_names),
+            "provenance": dict(provenance) if provenance is not None else collect(
+                config.get("embedding_model"), config.get("knowledge_base"),
+                config.get("tokenizer")),
         }
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:

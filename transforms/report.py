@@ -19,6 +19,7 @@ import dataclasses
 import html
 import io
 import json
+import logging
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,6 +36,7 @@ from transforms.splits import SPLITS as _SPLITS
 
 REPORT_NAME = "report.html"
 REPORT_DIR = "report"
+_LOG = logging.getLogger(__name__)
 EXCERPT_CHARS = 300
 THUMBNAIL_SIZE = 256
 _DPI = 100
@@ -433,6 +435,7 @@ def render_report(
     config = _table(("setting", "value"),
                     [(k, _value(v)) for k, v in sorted(meta["config"].items())], numeric_from=2)
     versions = _table(("package", "version"), sorted(meta["versions"].items()), numeric_from=2)
+    provenance = meta.get("provenance") or {}
     body = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -453,8 +456,12 @@ def render_report(
     body += [
         '<h2 id="configuration">Configuration</h2>', config,
         '<h2 id="versions">Versions</h2>', versions,
-        "</body></html>",
     ]
+    if provenance:
+        body += ['<h2 id="provenance">Provenance</h2>', _table(
+            ("item", "value"), [(k, _value(v)) for k, v in sorted(provenance.items())],
+            numeric_from=2)]
+    body.append("</body></html>")
     files[REPORT_NAME] = ("\n".join(body) + "\n").encode()
     return files
 
@@ -469,3 +476,34 @@ def write_report(output_dir: str, meta: Mapping[str, Any],
                   if p not in files)
     for path, data in files.items():
         fileio.write_bytes(path, data)
+
+
+def publish_report(output_dir: str, meta: Mapping[str, Any], examples_per_split: int = 0
+                   ) -> dict[str, Any]:
+    """Reads the examples and writes the report; a failure costs the report, not the dataset.
+
+    The report is a view of metadata.json: if rendering or writing it fails (a plotting bug,
+    an unwritable report/), the run still commits. The failure is logged in one line and
+    returned for metadata.json: its type and message with the output dir written as
+    OUTPUT_DIR (so the manifest stays location-free), and no message at all when example
+    records were asked for (the message could quote patient text).
+
+    Returns:
+        {} when the report is written; else {"report": None, "report_error": "..."}.
+    """
+    try:
+        examples = read_examples(output_dir, meta, examples_per_split)
+        write_report(output_dir, meta, examples)
+    except Exception as err:  # noqa: BLE001 (any failure of an optional view, see above)
+        detail = type(err).__name__
+        if not examples_per_split:
+            message = str(err).splitlines()[0] if str(err) else ""
+            message = message.replace(output_dir, "OUTPUT_DIR")[:300]
+            detail += f": {message}" if message else ""
+        _LOG.error("report not written (%s); the dataset is complete without it", detail)
+        try:  # a half-written report must not pass for a whole one
+            fileio.delete([fileio.join(output_dir, REPORT_NAME)])
+        except OSError:
+            pass
+        return {"report": None, "report_error": detail}
+    return {}

@@ -1,6 +1,7 @@
 """Synthetic chest radiographs for the synthetic MIMIC-CXR-JPG tree, and the faulty files.
 
-Texture comes from real radiographs (the two NIH ChestX-ray14 PNGs in `shared/data`): each pool
+Texture comes from real radiographs (the two NIH ChestX-ray14 PNGs shipped in
+`transforms/radiographs/`, see its README for licence and citation): each pool
 image is one of them, cropped, maybe mirrored, resized up to the full MIMIC-CXR-JPG size,
 re-exposed (brightness, contrast, gamma) and given fine film grain so that the JPEG has the
 size and decode cost of a real one (1-2 MB at 2544x3056). A pool of distinct encoded images is
@@ -19,9 +20,8 @@ import cv2
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-DEFAULT_RADIOGRAPH_DIR = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "nih_chestxray14"
-)
+# Package data (setup.py, MANIFEST.in): a clone and an installed package both have them.
+DEFAULT_RADIOGRAPH_DIR = Path(__file__).resolve().parent / "radiographs"
 
 # The kinds of broken image file the generator can plant, as the pipeline sees them.
 FAULT_MISSING = "missing"
@@ -60,8 +60,8 @@ def load_radiographs(
     images = [im for im in images if im is not None]
     if not images:
         raise FileNotFoundError(
-            f"no seed radiographs (*.png) in {directory}; pass --radiograph_dir with the "
-            "NIH ChestX-ray14 PNGs from shared/data/nih_chestxray14"
+            f"no seed radiographs (*.png) in {directory}; pass --radiograph_dir with "
+            f"greyscale radiograph PNGs (the bundled ones are in {DEFAULT_RADIOGRAPH_DIR})"
         )
     return images
 

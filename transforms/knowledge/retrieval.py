@@ -359,5 +359,9 @@ class KnowledgeRetriever:
 def load_model(model_dir: str) -> Any:
     """A sentence-transformers model from a local folder, on CPU, without network access."""
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    # No "Loading weights" progress bar in the log, on workers too (the launcher's
+    # environment, see pipelines.cli, does not reach them).
+    transformers_logging.disable_progress_bar()
     return SentenceTransformer(model_dir, device="cpu", local_files_only=True)
