@@ -20,6 +20,20 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by `root` and its live descendants."""
+    ticks, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+        stack += _children(pid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss_bytes(root: int) -> int:
     """Sum of VmRSS over `root` and all its descendants."""
     total, stack = 0, [root]
@@ -37,17 +51,31 @@ def tree_rss_bytes(root: int) -> int:
 
 
 class PeakSampler:
-    """Samples a process tree's RSS every `interval` seconds in a thread; keeps the peak."""
+    """Samples a process tree's RSS every `interval` seconds in a thread; keeps the peak, and
+    (wall time, CPU seconds) once a second in `cpu` for how many cores were busy when."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid, self.interval, self.peak = pid, interval, 0
+        self.cpu: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
+        last = 0.0
         while not self._stop.is_set():
             self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            now = time.time()
+            if now - last >= 1.0:
+                self.cpu.append((now, tree_cpu_seconds(self.pid)))
+                last = now
             self._stop.wait(self.interval)
+
+    def cores_busy(self, start: float, end: float) -> float:
+        """Mean cores busy between two wall times (time.time()) from the samples."""
+        inside = [(t, c) for t, c in self.cpu if start <= t <= end]
+        if len(inside) < 2:
+            return float("nan")
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
     def __enter__(self) -> "PeakSampler":
         self._thread.start()
@@ -58,12 +86,16 @@ class PeakSampler:
         self._thread.join()
 
 
-def run_measured(cmd: Sequence[str], log_path: str, env: dict | None = None) -> tuple[int, float, int]:
-    """Runs `cmd`, returns (exit code, wall seconds, peak RSS bytes of its process tree)."""
+def run_measured(cmd: Sequence[str], log_path: str, env: dict | None = None,
+                 sampler_out: list | None = None) -> tuple[int, float, int]:
+    """Runs `cmd`, returns (exit code, wall seconds, peak RSS bytes of its process tree).
+    The sampler (with its CPU samples) is appended to `sampler_out` when given."""
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
                                 env=env or os.environ.copy())
         with PeakSampler(proc.pid) as sampler:
             code = proc.wait()
+    if sampler_out is not None:
+        sampler_out.append(sampler)
     return code, time.monotonic() - started, sampler.peak

@@ -81,6 +81,11 @@ def build_pipeline(
     notes = (
         records
         | "NoteTotal" >> progress.total(record_count)
+        # Deals the records out one by one: the local runner splits a stage's input between
+        # its workers by whole flushed blocks (thousands of records), so one worker used to
+        # finish early and the last ~20% of a run went at half speed. A GroupByKey's output
+        # is dealt key by key. On Dataflow it also rebalances the join's output.
+        | "Balance" >> beam.Reshuffle()
         | "StartSamples" >> beam.Map(sample_from)
         | "BuildNotes" >> BuildNotes(
             embedding_model=cfg.embedding_model,
@@ -138,7 +143,9 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
         "seed": cfg.seed,
         "image_height": cfg.synthetic_image_height,
         "image_width": cfg.synthetic_image_width,
-        "faults": 1,
+        # One broken file of each kind per 400 patients: the demo shows dead letters while
+        # staying under the default --max_failed_fraction.
+        "faults": cfg.synthetic_patients // 400,
     }
     data = None
     if fileio.exists(stamp):

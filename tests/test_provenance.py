@@ -190,13 +190,16 @@ def _commit(out: Path) -> dict:
     chunks = [ChunkInfo(f"{s}/{s}-00000-of-00001.pt", s, 0, stats[s]["records"], 10, "0" * 64)
               for s in SPLITS]
     assignment = SplitAssignment({ref.subject_id: split for split, ref in elements}, 42,
-                                 (0.7, 0.15, 0.15))
+                                 (0.7, 0.15, 0.15), records=len(elements))
+    # What the stages upstream counted for these records (see transforms.ledger).
+    ledger = {"cohort/not_frontal": 5, "join/images_joined": len(elements),
+              "cohort/records": len(elements), "spill/records_spilled": len(elements)}
     settings = {"config": {"max_text_length": 64, "seed": 42, "views": ["AP", "PA"]},
                 "image_size": 16, "feature_names": list(FEATURES),
                 "label_names": list(schema.CHEXPERT_LABELS),
                 "provenance": {"versions": {"python": "3"}, "provenance": {"git_commit": None}}}
-    fn = _CommitFn(str(out), settings, report_examples=0)
-    (meta,) = list(fn.process(chunks, stats, [], [("not_frontal", 5)], assignment))
+    fn = _CommitFn(str(out), settings, report_examples=0, tables=(), max_failed_fraction=0.01)
+    (meta,) = list(fn.process(chunks, stats, [], [("not_frontal", 5)], assignment, ledger))
     return meta
 
 
