@@ -58,8 +58,10 @@ def build_pipeline(
     Only small metadata crosses the join's shuffle and the split's side input; text and
     images are produced and spilled on one fused path, so memory is bounded by a bundle.
     """
+    # The metadata is read first; JoinCohort reads the other tables itself, keeping only the
+    # rows of patients with a frontal image.
     tables = p | "ReadTables" >> ReadTables(
-        input_roots(cfg), user_project=cfg.requester_pays_project
+        input_roots(cfg), names=["metadata"], user_project=cfg.requester_pays_project
     )
     cohort = tables | "JoinCohort" >> JoinCohort(
         image_root=image_root(cfg),
@@ -67,6 +69,8 @@ def build_pipeline(
         aggressive_filtering=cfg.aggressive_filtering,
         limit=cfg.limit,
         seed=cfg.seed,
+        roots=input_roots(cfg),
+        user_project=cfg.requester_pays_project,
     )
     records = cohort[RECORDS_TAG]
     assignment = records | "SplitPatients" >> SplitPatients(cfg.ratios, cfg.seed, indices)

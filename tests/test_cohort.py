@@ -25,6 +25,7 @@ from transforms.cohort import (
     parse_table_datetime,
     pick_stay,
 )
+from transforms.ledger import LEDGER_TAG
 from transforms.tables import FLOAT_COLUMNS, ReadTables, check_tables, columns
 
 D = dt.datetime
@@ -461,3 +462,33 @@ def test_join_cohort_on_the_synthetic_dataset_accounts_for_every_image(tmp_path:
         out = p | ReadTables(roots) | JoinCohort(image_root=data.mimic_cxr_dir)
         assert_that(_count_by_kind(out), equal_to(sorted(expected.items())), label="Counts")
         assert_that(out[RECORDS_TAG], images_exist, label="ImagesExist")
+
+
+def test_join_reading_the_files_itself_gives_the_same_records(tmp_path: Path) -> None:
+    """JoinCohort(roots=...) reads and filters the tables in one step; the records are the
+    same as when every table comes in as rows, and its ledger counts every row read."""
+    synthetic_mimic = pytest.importorskip("pipelines.synthetic_mimic")
+    data = synthetic_mimic.generate(
+        str(tmp_path / "mimic"), n_patients=40, seed=8, image_height=32, image_width=32,
+        image_pool=2, images=False)
+    roots = {schema.MIMIC_IV: data.mimic_iv_dir, schema.MIMIC_ED: data.mimic_ed_dir,
+             schema.MIMIC_CXR: data.mimic_cxr_dir}
+    with fn_api_pipeline() as p:
+        from_rows = p | "Rows" >> ReadTables(roots) | "JoinRows" >> JoinCohort(
+            image_root=data.mimic_cxr_dir)
+        from_files = (
+            p | "Metadata" >> ReadTables(roots, names=["metadata"])
+            | "JoinFiles" >> JoinCohort(image_root=data.mimic_cxr_dir, roots=roots))
+        expected = from_rows[RECORDS_TAG] | "AllRows" >> beam.combiners.ToList()
+        _ = (from_files[RECORDS_TAG] | "AllFiles" >> beam.combiners.ToList()
+             | beam.Map(_same, beam.pvalue.AsSingleton(expected)))
+        read = (from_files[LEDGER_TAG] | beam.CombinePerKey(sum)
+                | beam.Filter(lambda kv: kv[0] == "tables/vitalsign_rows"))
+        assert_that(read, equal_to([("tables/vitalsign_rows", data.counts["vitalsign"])]),
+                    label="VitalsRead")
+
+
+def _same(got: list, want: list) -> None:
+    key = lambda r: r.record_id  # noqa: E731
+    assert len(got) == len(want) > 0
+    assert [repr(r) for r in sorted(got, key=key)] == [repr(r) for r in sorted(want, key=key)]

@@ -25,7 +25,13 @@ import apache_beam as beam
 from transforms import fileio, records, schema
 from transforms.errors import InputError
 from transforms.ledger import LEDGER_TAG, Tally
-from transforms.tables import columns
+from transforms.tables import (
+    ReadTable,
+    columns,
+    iter_rows,
+    rows_counter,
+    table_path,
+)
 
 STAGE = "join"
 RECORDS_TAG = "records"
@@ -150,13 +156,15 @@ def _order_key(row: Sequence[Any]) -> tuple:
     return tuple((v is None, 0 if v is None else v) for v in row)
 
 
-def pack_row(row: tuple) -> bytes:
-    """A join row as one bytes object. Beam's local runner holds every value of a GroupByKey
-    as a decoded Python object: a tuple of strings costs ~4x its marshalled bytes there."""
-    return marshal.dumps(row, 4)
+def pack_rows(rows: Sequence[tuple]) -> bytes:
+    """Join rows as one bytes object. Beam's local runner holds every value of a GroupByKey
+    as a decoded Python object (a tuple of strings costs ~4x its marshalled bytes there), and
+    every element crossing it costs the runner more than the bytes: a subject's consecutive
+    rows of one table travel as one element."""
+    return marshal.dumps(list(rows), 4)
 
 
-def unpack_row(data: bytes) -> tuple:
+def unpack_rows(data: bytes) -> list[tuple]:
     return marshal.loads(data)
 
 
@@ -211,8 +219,58 @@ class _SplitImagesFn(beam.DoFn):
                 ),
             )
             return
-        yield subject_id, pack_row(
-            (dicom_id, study_id, view, when.isoformat(timespec="microseconds")))
+        yield subject_id, pack_rows(
+            [(dicom_id, study_id, view, when.isoformat(timespec="microseconds"))])
+
+
+# Largest first: the local runner deals the read's elements to its workers in turn, and the
+# largest table is the critical path.
+_READ_ORDER: tuple[str, ...] = (
+    "medrecon", "vitalsign", "admissions", "edstays", "triage", "patients", "chexpert",
+)
+
+
+class _ReadJoinRowsFn(beam.DoFn):
+    """(table name, path) -> that table's rows of the chosen subjects as (subject_id, packed
+    join columns of a run of its consecutive rows) on the output tagged with the table's name
+    (MIMIC's tables are sorted by subject, so mostly one element per subject and table). Rows of other subjects are
+    counted, not parsed: reading, filtering and keying are one step, so every table is read
+    in one stage that all workers share, and only the cohort's rows become elements."""
+
+    def __init__(self, user_project: Optional[str]) -> None:
+        self._user_project = user_project
+        self._plan = {}
+        for name, keep in _JOIN_COLUMNS.items():
+            cols = columns(name)
+            self._plan[name] = (cols.index("subject_id"), tuple(cols.index(c) for c in keep))
+        self._tally = Tally([rows_counter(n) for n in _JOIN_COLUMNS]
+                            + [f"join/{n}_set_aside" for n in _JOIN_COLUMNS])
+
+    def start_bundle(self) -> None:
+        self._tally.start()
+
+    def finish_bundle(self):
+        yield from self._tally.flush()
+
+    def process(self, element: tuple[str, str], subjects: frozenset) -> Iterator[Any]:
+        name, path = element
+        subject_at, keep = self._plan[name]
+        read = aside = 0
+        run_subject, run = None, []  # the current run of one subject's consecutive rows
+        for row in iter_rows(schema.TABLES[name], path, self._user_project, subjects):
+            read += 1
+            if row is None:
+                aside += 1
+                continue
+            if row[subject_at] != run_subject and run:
+                yield beam.pvalue.TaggedOutput(name, (run_subject, pack_rows(run)))
+                run = []
+            run_subject = row[subject_at]
+            run.append(tuple(row[i] for i in keep))
+        if run:
+            yield beam.pvalue.TaggedOutput(name, (run_subject, pack_rows(run)))
+        self._tally.inc(rows_counter(name), read)
+        self._tally.inc(f"join/{name}_set_aside", aside)
 
 
 class _KeyBySubjectFn(beam.DoFn):
@@ -234,7 +292,7 @@ class _KeyBySubjectFn(beam.DoFn):
     def process(self, row: tuple, subjects: frozenset) -> Iterator[tuple[int, tuple]]:
         subject_id = row[self._subject]
         if subject_id in subjects:
-            yield subject_id, pack_row(tuple(row[i] for i in self._keep))
+            yield subject_id, pack_rows([tuple(row[i] for i in self._keep)])
         else:
             self._tally.inc(self._set_aside)
 
@@ -294,7 +352,8 @@ class _LinkSubjectFn(beam.DoFn):
 
     def process(self, element: tuple[int, dict[str, Iterable[tuple]]]) -> Iterator[Any]:
         subject_id, packed = element
-        groups = {name: [unpack_row(v) for v in rows] for name, rows in packed.items()}
+        groups = {name: [row for v in runs for row in unpack_rows(v)]
+                  for name, runs in packed.items()}
         for name, rows in groups.items():
             self._tally.inc(f"join/{name}_joined", len(rows))
         images = sorted(groups["images"], key=_order_key)
@@ -383,6 +442,11 @@ class JoinCohort(beam.PTransform):
     Every metadata row ends in exactly one of the first three. Beam counters in namespace
     "cohort" count each reason, the records, and table rows whose time does not parse.
 
+    With `roots` (the three PhysioNet roots), the input is only {"metadata": rows}: the other
+    tables are read here, in one stage, keeping only the rows of the subjects the join needs
+    (`_ReadJoinRowsFn`), and their rows-read counts are in this ledger. Without it, every
+    table comes as rows and is filtered and keyed here.
+
     With `limit`, only the whole patients chosen by `transforms.subset.ChooseSubjects`
     (about `limit` records, by a hash of `seed`) are joined; the other images are dropped
     as records.DROP_NOT_IN_LIMIT before the join.
@@ -396,8 +460,12 @@ class JoinCohort(beam.PTransform):
         aggressive_filtering: bool = False,
         limit: int = 0,
         seed: int = 42,
+        roots: Optional[dict[str, str]] = None,
+        user_project: Optional[str] = None,
     ) -> None:
         super().__init__()
+        self._roots = dict(roots) if roots else None
+        self._user_project = user_project or None
         self._views = tuple(v.strip().upper() for v in views if v.strip())
         if not self._views:
             raise InputError(f"views must name at least one ViewPosition, got {views!r}")
@@ -411,7 +479,8 @@ class JoinCohort(beam.PTransform):
         self._seed = int(seed)
 
     def expand(self, tables: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
-        missing = [name for name in JOIN_TABLES if name not in tables]
+        needed = ("metadata",) if self._roots else JOIN_TABLES
+        missing = [name for name in needed if name not in tables]
         if missing:
             raise InputError(f"JoinCohort needs the tables {missing}")
         split = tables["metadata"] | "SplitImages" >> beam.ParDo(
@@ -429,20 +498,40 @@ class JoinCohort(beam.PTransform):
             # Before the join, so only the chosen patients' rows cross it.
             from transforms.subset import ChooseSubjects, KeepSubjects
 
+            if self._roots:  # the stays' bounds only; the join reads edstays again, counted
+                spec = schema.TABLES["edstays"]
+                edstays = (images.pipeline | "ReadStayBounds" >> ReadTable(
+                    spec, table_path(spec, self._roots), user_project=self._user_project)
+                )["rows"]
+            else:
+                edstays = tables["edstays"]
             chosen = beam.pvalue.AsSingleton(
-                (images, tables["edstays"])
+                (images, edstays)
                 | "ChooseSubjects" >> ChooseSubjects(self._limit, self._seed, subjects))
             kept = images | "KeepChosen" >> KeepSubjects(chosen)
             images, subjects = kept["images"], chosen
             dropped.append(kept[records.DROPPED_TAG])
             ledgers.append(kept[LEDGER_TAG])
         keyed = {"images": images}
-        for name in _JOIN_COLUMNS:
-            out = tables[name] | f"Key_{name}" >> beam.ParDo(
-                _KeyBySubjectFn(name), subjects=subjects
-            ).with_outputs(LEDGER_TAG, main="rows")
-            keyed[name] = out.rows
-            ledgers.append(out[LEDGER_TAG])
+        if self._roots:
+            paths = [(name, table_path(schema.TABLES[name], self._roots))
+                     for name in _READ_ORDER]
+            read = (
+                images.pipeline
+                | "TablePaths" >> beam.Create(paths)
+                | "ReadJoinRows" >> beam.ParDo(
+                    _ReadJoinRowsFn(self._user_project), subjects=subjects
+                ).with_outputs(LEDGER_TAG, *_READ_ORDER)
+            )
+            keyed.update({name: read[name] for name in _JOIN_COLUMNS})
+            ledgers.append(read[LEDGER_TAG])
+        else:
+            for name in _JOIN_COLUMNS:
+                out = tables[name] | f"Key_{name}" >> beam.ParDo(
+                    _KeyBySubjectFn(name), subjects=subjects
+                ).with_outputs(LEDGER_TAG, main="rows")
+                keyed[name] = out.rows
+                ledgers.append(out[LEDGER_TAG])
         linked = (
             keyed
             | "GroupBySubject" >> beam.CoGroupByKey()

@@ -58,7 +58,7 @@ class _StayBoundsFn(beam.DoFn):
 
 
 def _linkable(element: tuple[int, dict]) -> tuple[int, int]:
-    from transforms.cohort import EdStay, parse_table_datetime, pick_stay, unpack_row
+    from transforms.cohort import EdStay, parse_table_datetime, pick_stay, unpack_rows
 
     subject_id, groups = element
     stays = []
@@ -67,8 +67,8 @@ def _linkable(element: tuple[int, dict]) -> tuple[int, int]:
         if start is not None and end is not None:
             stays.append(EdStay(stay_id, None, start, end, ()))
     n = sum(
-        pick_stay(dt.datetime.fromisoformat(unpack_row(image)[3]), stays) is not None
-        for image in groups["images"]
+        pick_stay(dt.datetime.fromisoformat(image[3]), stays) is not None
+        for packed in groups["images"] for image in unpack_rows(packed)
     )
     return subject_id, n
 

@@ -309,9 +309,16 @@ def row_parser(
 
 
 def iter_rows(
-    spec: schema.TableSpec, path: str, user_project: Optional[str] = None
-) -> Iterator[tuple[Any, ...]]:
+    spec: schema.TableSpec,
+    path: str,
+    user_project: Optional[str] = None,
+    subjects: Optional[frozenset] = None,
+) -> Iterator[Optional[tuple[Any, ...]]]:
     """Streams the compact rows of one table file (see the module docstring).
+
+    With `subjects`, a row of any other subject_id is yielded as None, unparsed beyond its
+    subject_id: most rows of the ED tables belong to patients without a chest X-ray, and the
+    caller counts what it skips.
 
     Raises:
         InputError: unreadable file, missing column, or a row whose id/label does not parse.
@@ -328,9 +335,19 @@ def iter_rows(
             if missing:
                 raise InputError(_missing_message(spec, path, missing))
             parse = row_parser(spec.name, header, display)
+            subject_at = header.index("subject_id") if subjects is not None else -1
+            width = len(header)
             for fields in reader:
                 if not fields:  # a blank line
                     continue
+                if subject_at >= 0 and len(fields) == width:
+                    try:
+                        skip = parse_int(fields[subject_at]) not in subjects
+                    except ValueError:
+                        skip = False  # the full parse names the bad value
+                    if skip:
+                        yield None
+                        continue
                 yield parse(fields, reader.line_num)
     except _READ_ERRORS as err:
         raise InputError(
