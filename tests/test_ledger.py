@@ -148,6 +148,7 @@ def test_limit_chooses_whole_patients_before_the_join(synthetic, tmp_path: Path)
     assert some["cohort/not_in_limit"] == (everything["join/images_joined"]
                                            - some["join/images_joined"])
     assert 15 <= some["cohort/records"] < 15 + 20  # about the limit: whole patients
+    assert some["tables/edstays_rows"] == everything["tables/edstays_rows"]  # counted once
     patients = json.loads((tmp_path / "some" / "stratification_indices.json").read_text())
     all_patients = json.loads((tmp_path / "all" / "stratification_indices.json").read_text())
     assert set(patients["patients"]) < set(all_patients["patients"])

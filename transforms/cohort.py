@@ -26,7 +26,6 @@ from transforms import fileio, records, schema
 from transforms.errors import InputError
 from transforms.ledger import LEDGER_TAG, Tally
 from transforms.tables import (
-    ReadTable,
     columns,
     iter_rows,
     rows_counter,
@@ -498,11 +497,15 @@ class JoinCohort(beam.PTransform):
             # Before the join, so only the chosen patients' rows cross it.
             from transforms.subset import ChooseSubjects, KeepSubjects
 
-            if self._roots:  # the stays' bounds only; the join reads edstays again, counted
+            if self._roots:  # for the stays' bounds only: the join reads edstays again, counted
                 spec = schema.TABLES["edstays"]
-                edstays = (images.pipeline | "ReadStayBounds" >> ReadTable(
-                    spec, table_path(spec, self._roots), user_project=self._user_project)
-                )["rows"]
+                edstays = (
+                    images.pipeline
+                    | "StaysPath" >> beam.Create([table_path(spec, self._roots)])
+                    | "ReadStayBounds" >> beam.FlatMap(
+                        lambda path, spec, project: iter_rows(spec, path, project),
+                        spec, self._user_project)
+                )
             else:
                 edstays = tables["edstays"]
             chosen = beam.pvalue.AsSingleton(
