@@ -10,7 +10,8 @@ byte-identical to the first run's, and whether its patient set equals the answer
 End to end (`--end_to_end`, on a dataset generated with images): one full run; the record ids
 of the written chunks and failed/ must be exactly the answer's dicom_ids.
 
-    .venv/bin/python -m pipelines.synthetic_mimic --scale mimic --no_images --output_dir /work/fullsize
+    .venv/bin/python -m pipelines.synthetic_mimic --scale mimic --no_images \
+        --output_dir /work/fullsize
     .venv/bin/python benchmarks/bench_full_size.py --data /work/fullsize --runs 5 --cold 2
     .venv/bin/python benchmarks/bench_full_size.py --data /work/fullsize_img --end_to_end
 """
@@ -168,8 +169,8 @@ def end_to_end(data: Path, work: Path, extra: list[str], tight_n: int) -> int:
     for chunk in meta["chunks"]:
         loaded = torch.load(out / chunk["path"], weights_only=True, mmap=True)
         written += loaded["record_id"]
-    failed = [json.loads(line)["record_id"]
-              for line in (out / "failed" / "failed-00000-of-00001.jsonl").read_text().splitlines()]
+    failed_file = out / "failed" / "failed-00000-of-00001.jsonl"
+    failed = [json.loads(line)["record_id"] for line in failed_file.read_text().splitlines()]
     found = set(written) | set(failed)
     exact = found == dicom_ids and len(written) + len(failed) == len(found)
     print(f"records: {len(written)} written + {len(failed)} failed = {len(found)}; answer "

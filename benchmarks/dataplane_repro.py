@@ -67,7 +67,8 @@ def main(argv=None) -> int:
             total = count_after_group(args.n, args.keys, args.mode, args.workers)
             outcome = "exact" if total == args.n else f"LOST {args.n - total}"
         except Exception as err:  # the runner's decode error is what we are showing
-            total, outcome = None, f"CRASHED {type(err).__name__}: {str(err).splitlines()[-1][:120]}"
+            last = str(err).splitlines()[-1][:120]
+            total, outcome = None, f"CRASHED {type(err).__name__}: {last}"
         failures += outcome != "exact"
         print(f"run {run + 1}: mode={args.mode} workers={args.workers} guarded={args.guarded} "
               f"counted={total} of {args.n}: {outcome} ({time.monotonic() - started:.1f} s)")

@@ -232,9 +232,11 @@ _READ_ORDER: tuple[str, ...] = (
 class _ReadJoinRowsFn(beam.DoFn):
     """(table name, path) -> that table's rows of the chosen subjects as (subject_id, packed
     join columns of a run of its consecutive rows) on the output tagged with the table's name
-    (MIMIC's tables are sorted by subject, so mostly one element per subject and table). Rows of other subjects are
-    counted, not parsed: reading, filtering and keying are one step, so every table is read
-    in one stage that all workers share, and only the cohort's rows become elements."""
+    (MIMIC's tables are sorted by subject, so mostly one element per subject and table). Rows
+    of other subjects are counted, not parsed (a malformed one is set aside with them; the
+    header check still covers every table): reading, filtering and keying are one step, so
+    every table is read in one stage that all workers share, and only the cohort's rows
+    become elements."""
 
     def __init__(self, user_project: Optional[str]) -> None:
         self._user_project = user_project

@@ -149,9 +149,9 @@ class SpillSamples(beam.PTransform):
     Input: preprocessed sample dicts (see `to_chunk_record`), on the fused path right after
         the last preprocessing stage.
     Output: a DoOutputsTuple: `SpillRef`s, one per sample (`result[REFS_TAG]`), and the
-        records spilled (`result[LEDGER_TAG]`, see `transforms.ledger`). No dead letters: a sample the chunk format rejects
-        (wrong dtype or shape) is a programming error and fails the pipeline (ValueError), and
-        storage errors are left to the runner's retries (the write is idempotent).
+        records spilled (`result[LEDGER_TAG]`, see `transforms.ledger`). No dead letters: a
+        sample the chunk format rejects (wrong dtype or shape) is a programming error and
+        fails the pipeline (ValueError), and storage errors are left to the runner's retries (the write is idempotent).
 
     Args:
         output_dir: the pipeline's output dir; files go under `{output_dir}/_tmp/records/`.
