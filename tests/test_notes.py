@@ -386,13 +386,10 @@ def test_build_notes_in_a_pipeline(resources) -> None:
     ({"knowledge_base": "/nonexistent/kb.jsonl"}, "--knowledge_base /nonexistent"),
     ({"embedding_model": "/nonexistent/model"}, "--embedding_model /nonexistent/model"),
     ({"tokenizer": "/nonexistent/tok"}, "--tokenizer /nonexistent/tok"),
-    ({"max_text_length": 1}, "--max_text_length must be >= 2"),
-    ({"top_k": -1}, "--retrieval_top_k must be >= 0"),
-    ({"batch_size": 0}, "batch_size must be >= 1"),
 ])
-def test_bad_configuration_fails_at_construction(kwargs, message) -> None:
+def test_unusable_text_inputs_are_named(kwargs, message) -> None:
     with pytest.raises(InputError, match=message):
-        notes.BuildNotes(**kwargs)
+        notes.check_text_config(**kwargs)
 
 
 def test_gs_model_tokenizer_and_knowledge_base(gcs_emulator: str, resources) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import transforms
-from pipelines.options import DatasetOptions, config_from_options
+from pipelines.config import DatasetOptions, config_from_options
 from tests.test_report import FEATURES, _refs, _stats, make_meta
 from transforms import dataset_card, provenance, report, schema
 from transforms.metadata import (

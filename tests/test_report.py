@@ -370,7 +370,7 @@ def test_the_report_renders_in_a_browser_with_every_image_loaded(browser: str, b
 def test_the_flag_is_in_help_off_by_default_and_checked() -> None:
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.options import config_from_options
+    from pipelines.config import config_from_options
     from transforms.errors import InputError
 
     text = " ".join(build_dataset.help_text().split())

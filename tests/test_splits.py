@@ -165,8 +165,6 @@ def test_bad_ratios_are_rejected_naming_them(ratios) -> None:
     assert str(ratios[0]) in str(err.value)
     with pytest.raises(ValueError):
         assign_splits([PatientStratum(1, "a", 1)], ratios)
-    with pytest.raises(ValueError):
-        SplitPatients(ratios)
 
 
 # --- assign_splits -------------------------------------------------------------------------

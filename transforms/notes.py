@@ -466,22 +466,15 @@ def check_text_config(
     embedding_model: Optional[str] = None,
     knowledge_base: Optional[str] = None,
     tokenizer: Optional[str] = None,
-    max_text_length: int = DEFAULT_MAX_TEXT_LENGTH,
-    top_k: int = knowledge.DEFAULT_TOP_K,
-    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> None:
-    """Fails fast, before any work, on a bad text configuration.
+    """Fails fast, before any work, on text inputs that cannot be used: reads and parses the
+    knowledge base once and looks into the model folders. The numeric settings are checked
+    with the other flags (`pipelines.config`).
 
     Raises:
         InputError: naming the flag and the value (a missing folder or file, a malformed
-            knowledge base, a limit out of range).
+            knowledge base).
     """
-    if max_text_length < 2:
-        raise InputError(f"--max_text_length must be >= 2, got {max_text_length}")
-    if top_k < 0:
-        raise InputError(f"--retrieval_top_k must be >= 0, got {top_k}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     knowledge.load_knowledge_base(knowledge_base)
     if embedding_model:
         knowledge.check_model_dir(embedding_model)
@@ -513,8 +506,8 @@ class BuildNotes(beam.PTransform):
         top_k: knowledge snippets retrieved per record.
         batch_size: samples buffered per tokenizer call within a bundle.
 
-    Raises:
-        InputError: at construction, for a bad configuration (see `check_text_config`).
+    The settings are taken as given: the pipeline checks them once, before building the graph
+    (`pipelines.config`, `check_text_config`).
     """
 
     def __init__(
@@ -527,8 +520,6 @@ class BuildNotes(beam.PTransform):
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         super().__init__()
-        check_text_config(embedding_model, knowledge_base, tokenizer, max_text_length, top_k,
-                          batch_size)
         self._fn_args = (embedding_model, knowledge_base, tokenizer, max_text_length, top_k,
                          batch_size)
 

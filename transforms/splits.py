@@ -266,8 +266,7 @@ def make_assignment(
     if indices is not None:
         return dataclasses.replace(reuse_splits(patients, indices), records=n_records)
     splits = assign_splits(patients, ratios, seed)
-    return SplitAssignment(dict(sorted(splits.items())), seed, check_ratios(ratios),
-                           records=n_records)
+    return SplitAssignment(dict(sorted(splits.items())), seed, tuple(ratios), records=n_records)
 
 
 def indices_bytes(assignment: SplitAssignment) -> bytes:
@@ -365,12 +364,9 @@ class SplitPatients(beam.PTransform):
         `beam.pvalue.AsSingleton(...)`. No dead letters: every record has a stratum.
 
     Args:
-        ratios: (train, val, test) record shares.
+        ratios: (train, val, test) record shares, already checked (`pipelines.config`).
         seed: seed of the patient order (and of `hash_split` for new patients).
         indices: a `read_indices` result to reuse instead of computing the split.
-
-    Raises:
-        ValueError: at construction, for bad ratios.
     """
 
     def __init__(
@@ -380,7 +376,7 @@ class SplitPatients(beam.PTransform):
         indices: Optional[SplitAssignment] = None,
     ) -> None:
         super().__init__()
-        self._ratios = check_ratios(ratios)
+        self._ratios = tuple(ratios)
         self._seed = int(seed)
         self._indices = indices
 
