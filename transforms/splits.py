@@ -376,7 +376,7 @@ class SplitPatients(beam.PTransform):
         indices: Optional[SplitAssignment] = None,
     ) -> None:
         super().__init__()
-        self._ratios = tuple(ratios)
+        self._ratios = tuple(float(r) for r in ratios)
         self._seed = int(seed)
         self._indices = indices
 
