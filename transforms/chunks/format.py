@@ -26,13 +26,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from transforms.chunks.record import (
-    COLUMNS,
-    FIELDS,
-    RECORD_FIELDS,
-    check_record,
-    chunk_columns,
-)
+from transforms.chunks.record import COLUMNS, FIELDS, check_record, chunk_columns
+from transforms.chunks.record import RECORD_FIELDS  # noqa: F401 (re-exported)
 from transforms.chunks.record import record_at as _record_at
 
 FORMAT_VERSION = 1
