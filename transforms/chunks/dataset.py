@@ -44,7 +44,7 @@ import torch
 import torch.utils.data
 
 from transforms.chunks.errors import ChunkIntegrityError
-from transforms.chunks.record import LIST_COLUMNS, Loading, training_record
+from transforms.chunks.record import LIST_COLUMNS, PADDED_KEYS, Loading, training_record
 from transforms.chunks.storage import (
     DEFAULT_CACHE_BYTES,
     ChunkStore,
@@ -54,7 +54,6 @@ from transforms.chunks.storage import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PADDED_KEYS = ("text_input_ids", "text_attention_mask")
 MODES = ("iterable", "map")
 
 

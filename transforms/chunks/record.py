@@ -221,16 +221,24 @@ class _Encoding:
         """The chunk columns of the records' canonical values."""
         return {field.name: values}
 
-    def at(self, field: Field, chunk: Mapping[str, Any], i: int,
-           lists: Mapping[str, Sequence[int]]) -> Any:
-        """Record `i`'s value in the chunk (views into the chunk's tensors); `lists` may hold
-        some of `LIST_COLUMNS` as Python lists."""
-        return chunk[field.name][i]
+    # Readers and loaders run once per record read, so each kind compiles a field into a
+    # closure once (see _READERS, _LOADERS), with the names it needs bound as locals.
 
-    def load(self, field: Field, chunk: Mapping[str, Any], i: int,
-             loading: Loading) -> dict[str, Any]:
-        """Record `i`'s training form: its keys and values (copies, never views)."""
-        return {field.loaded_name: chunk[field.name][i]}
+    def reader(self, field: Field) -> Callable[[Mapping[str, Any], int, Mapping], Any]:
+        """`read(chunk, i, lists)`: record `i`'s value in the chunk (views into the chunk's
+        tensors); `lists` may hold some of `LIST_COLUMNS` as Python lists."""
+        name = field.name
+        return lambda chunk, i, lists: chunk[name][i]
+
+    def loader(self, field: Field) -> Callable[[Mapping[str, Any], int, Loading, dict], None]:
+        """`load(chunk, i, loading, out)`: puts record `i`'s training form into `out`: its
+        keys and values (copies, never views into the chunk)."""
+        name, key = field.name, field.loaded_name
+
+        def load(chunk, i, loading, out):
+            out[key] = chunk[name][i]
+
+        return load
 
 
 class _Str(_Encoding):
@@ -261,8 +269,13 @@ class _StrList(_Encoding):
     def check(self, field, value, record, sizes):
         return [_str(field, v) for v in value]
 
-    def load(self, field, chunk, i, loading):
-        return {field.loaded_name: list(chunk[field.name][i])}
+    def loader(self, field):
+        name, key = field.name, field.loaded_name
+
+        def load(chunk, i, loading, out):
+            out[key] = list(chunk[name][i])
+
+        return load
 
 
 class _Segments(_Encoding):
@@ -287,15 +300,22 @@ class _Segments(_Encoding):
             segments.append([_str(field, name), start, end])
         return segments
 
-    def load(self, field, chunk, i, loading):
-        return {field.loaded_name: [list(s) for s in chunk[field.name][i]]}
+    def loader(self, field):
+        name, key = field.name, field.loaded_name
+
+        def load(chunk, i, loading, out):
+            out[key] = [list(s) for s in chunk[name][i]]
+
+        return load
 
 
 class _Tensor(_Encoding):
     """A tensor of `field.dtype` and `field.shape`; the chunk stacks them: [N, *shape]."""
 
     def coerce(self, field, value):
-        return torch.tensor(value, dtype=field.dtype)
+        if isinstance(value, torch.Tensor):
+            return value.detach().to(field.dtype)
+        return torch.tensor(value, dtype=field.dtype)  # a copy: numpy arrays, lists
 
     def check(self, field, value, record, sizes):
         if not isinstance(value, torch.Tensor):
@@ -314,25 +334,36 @@ class _Tensor(_Encoding):
     def columns(self, field, values):
         return {field.name: torch.stack(values)}
 
-    def load(self, field, chunk, i, loading):
-        # A copy: a view would keep (and, across DataLoader worker processes, move into
-        # shared memory) the whole chunk's storage.
-        return {field.loaded_name: chunk[field.name][i].clone()}
+    def loader(self, field):
+        name, key = field.name, field.loaded_name
+
+        def load(chunk, i, loading, out):
+            # A copy: a view would keep (and, across DataLoader worker processes, move into
+            # shared memory) the whole chunk's storage.
+            out[key] = chunk[name][i].clone()
+
+        return load
 
 
 class _Image(_Tensor):
     """A square grey image; loaded as the normaliser's float [C, S, S] (into the batch slot
     when given) and a bool mask, True inside the `bounds` box."""
 
-    def load(self, field, chunk, i, loading):
-        image = chunk[field.name][i]
-        top, left, height, width = loading.lists[field.bounds][i]
-        if loading.mask_out is None:
-            mask = torch.zeros(image.shape, dtype=torch.bool)
-        else:
-            mask = loading.mask_out.zero_()
-        mask[top : top + height, left : left + width] = True
-        return {field.loaded_name: loading.normalize(image, loading.image_out), field.mask: mask}
+    def loader(self, field):
+        name, key, bounds, mask_key = field.name, field.loaded_name, field.bounds, field.mask
+
+        def load(chunk, i, loading, out):
+            image = chunk[name][i]
+            top, left, height, width = loading.lists[bounds][i]
+            if loading.mask_out is None:
+                mask = torch.zeros(image.shape, dtype=torch.bool)
+            else:
+                mask = loading.mask_out.zero_()
+            mask[top : top + height, left : left + width] = True
+            out[key] = loading.normalize(image, loading.image_out)
+            out[mask_key] = mask
+
+        return load
 
 
 class _Ragged(_Tensor):
@@ -345,21 +376,30 @@ class _Ragged(_Tensor):
         return {field.name: torch.cat(values),
                 field.offsets: torch.tensor(offsets, dtype=torch.int64)}
 
-    def at(self, field, chunk, i, lists):
-        offsets = lists.get(field.offsets)
-        if offsets is None:
-            start, end = (int(v) for v in chunk[field.offsets][i : i + 2])
-        else:
-            start, end = offsets[i], offsets[i + 1]
-        return chunk[field.name][start:end]
+    def reader(self, field):
+        name, column = field.name, field.offsets
 
-    def load(self, field, chunk, i, loading):
-        offsets = loading.lists[field.offsets]
-        start, end = offsets[i], offsets[i + 1]
-        return {
-            field.loaded_name: chunk[field.name][start:end].to(field.loaded_dtype or field.dtype),
-            field.mask: torch.ones(end - start, dtype=torch.int64),
-        }
+        def read(chunk, i, lists):
+            offsets = lists.get(column)
+            if offsets is None:
+                start, end = (int(v) for v in chunk[column][i : i + 2])
+            else:
+                start, end = offsets[i], offsets[i + 1]
+            return chunk[name][start:end]
+
+        return read
+
+    def loader(self, field):
+        name, key, column, mask_key = field.name, field.loaded_name, field.offsets, field.mask
+        dtype = field.loaded_dtype or field.dtype
+
+        def load(chunk, i, loading, out):
+            offsets = loading.lists[column]
+            start, end = offsets[i], offsets[i + 1]
+            out[key] = chunk[name][start:end].to(dtype)
+            out[mask_key] = torch.ones(end - start, dtype=torch.int64)
+
+        return load
 
 
 ENCODINGS: dict[str, _Encoding] = {
@@ -372,6 +412,27 @@ ENCODINGS: dict[str, _Encoding] = {
     "image": _Image(),
     "ragged": _Ragged(),
 }
+
+
+def _per_chunk_reader(field: Field) -> Callable[[Mapping[str, Any], int, Mapping], Any]:
+    name = field.name
+    return lambda chunk, i, lists: chunk[name]
+
+
+def _per_chunk_loader(field: Field) -> Callable[[Mapping[str, Any], int, Loading, dict], None]:
+    name, key = field.name, field.loaded_name
+
+    def load(chunk, i, loading, out):
+        out[key] = chunk[name]
+
+    return load
+
+
+# Each field's reader and loader, in FIELDS order (a field stored in the header: its value).
+_READERS = tuple(
+    (f.name, _per_chunk_reader(f) if f.per_chunk else f.encoding.reader(f)) for f in FIELDS
+)
+_LOADERS = tuple(_per_chunk_loader(f) if f.per_chunk else f.encoding.loader(f) for f in FIELDS)
 # Columns the loaded forms read as Python lists, once per chunk.
 LIST_COLUMNS: tuple[str, ...] = tuple(
     column for f in FIELDS for column in (f.offsets, f.bounds) if column
@@ -434,18 +495,14 @@ def record_at(chunk: Mapping[str, Any], i: int,
     """Record `i` of a decoded chunk (see `format.record_at`); `lists` may hold `LIST_COLUMNS`
     as Python lists (faster than reading the tensors)."""
     lists = lists or {}
-    return {f.name: chunk[f.name] if f.per_chunk else f.encoding.at(f, chunk, i, lists)
-            for f in FIELDS}
+    return {name: read(chunk, i, lists) for name, read in _READERS}
 
 
 def training_record(chunk: Mapping[str, Any], i: int, loading: Loading) -> dict:
     """Record `i` of a decoded chunk in its training form (see `ChunkedDataset`)."""
     out: dict[str, Any] = {}
-    for field in FIELDS:
-        if field.per_chunk:
-            out[field.loaded_name] = chunk[field.name]
-        else:
-            out.update(field.encoding.load(field, chunk, i, loading))
+    for load in _LOADERS:
+        load(chunk, i, loading, out)
     return out
 
 
