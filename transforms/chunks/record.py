@@ -6,11 +6,12 @@ mosaicml/streaming's encodings registry) turns that one table into every form a 
 
     stage values --coerce--> record (spill bytes, `encode_record`) --check--> canonical record
     canonical records --columns--> chunk columns (`encode_chunk`)
-    chunk --at--> record (`record_at`) ;  chunk --load--> training record (`ChunkedDataset`)
-    record --fact--> the small per-field facts a `SpillRef` carries for the report
+    chunk --reader--> record (`record_at`);  chunk --loader--> training record (`ChunkedDataset`)
+    record --fact--> the small per-field facts a `SpillRef` carries for metadata.json
 
-Adding a field is one line in `FIELDS` plus the stage code that computes its value. The fields
-are listed in the order records and chunks store them: that order is part of the byte format.
+Adding a field is one line in `FIELDS` plus the stage code that computes its value (and, for a
+summarised field, the `SpillRef` attribute that carries its fact). The fields are listed in
+the order records and chunks store them: that order is part of the byte format.
 
 Shapes name their sizes: an int is fixed; a name ("S", "F") must be the same wherever it
 appears in one record and, for stacked tensors, across the records of a chunk; a ragged
