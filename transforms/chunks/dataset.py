@@ -44,6 +44,7 @@ import torch
 import torch.utils.data
 
 from transforms.chunks.errors import ChunkIntegrityError
+from transforms.chunks.record import LIST_COLUMNS, PADDED_KEYS, Loading, training_record
 from transforms.chunks.storage import (
     DEFAULT_CACHE_BYTES,
     ChunkStore,
@@ -53,7 +54,6 @@ from transforms.chunks.storage import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PADDED_KEYS = ("text_input_ids", "text_attention_mask")
 MODES = ("iterable", "map")
 
 
@@ -128,14 +128,13 @@ def normalize_images(
 
 
 class _LoadedChunk:
-    """A decoded chunk with the per-record offsets and boxes as Python lists."""
+    """A decoded chunk with the columns its records' training forms read as Python lists."""
 
-    __slots__ = ("data", "offsets", "boxes")
+    __slots__ = ("data", "lists")
 
     def __init__(self, data: dict) -> None:
         self.data = data
-        self.offsets = data["text_offsets"].tolist()
-        self.boxes = data["image_box"].tolist()
+        self.lists = {column: data[column].tolist() for column in LIST_COLUMNS}
 
     def training_record(
         self,
@@ -144,41 +143,9 @@ class _LoadedChunk:
         image_out: Optional[torch.Tensor] = None,
         mask_out: Optional[torch.Tensor] = None,
     ) -> dict:
-        """Record `i` for training; its image and mask go into `image_out` and `mask_out`
-        (slots of a batch buffer) when given."""
-        data = self.data
-        image = data["image"][i]
-        top, left, height, width = self.boxes[i]
-        if mask_out is None:
-            mask = torch.zeros(image.shape, dtype=torch.bool)
-        else:
-            mask = mask_out.zero_()
-        mask[top : top + height, left : left + width] = True
-        start, end = self.offsets[i], self.offsets[i + 1]
-        ids = data["text_input_ids"][start:end].to(torch.int64)
-        # Small tensors are copied: a view would keep (and, across DataLoader worker
-        # processes, move into shared memory) the whole chunk's storage.
-        return {
-            "record_id": data["record_id"][i],
-            "subject_id": data["subject_id"][i],
-            "study_id": data["study_id"][i],
-            "stay_id": data["stay_id"][i],
-            "hadm_id": data["hadm_id"][i],
-            "view_position": data["view_position"][i],
-            "split": data["split"],
-            "study_datetime": data["study_datetime"][i],
-            "image_tensor": normalize(image, image_out),
-            "attention_mask": mask,
-            "image_box": data["image_box"][i].clone(),
-            "enhanced_note": data["enhanced_note"][i],
-            "text_input_ids": ids,
-            "text_attention_mask": torch.ones(end - start, dtype=torch.int64),
-            "attention_segments": [list(s) for s in data["attention_segments"][i]],
-            "clinical_data": data["clinical_data"][i].clone(),
-            "clinical_mask": data["clinical_mask"][i].clone(),
-            "labels": data["labels"][i].clone(),
-            "retrieved_knowledge": list(data["retrieved_knowledge"][i]),
-        }
+        """Record `i` for training (`record.training_record`); its image and mask go into
+        `image_out` and `mask_out` (slots of a batch buffer) when given."""
+        return training_record(self.data, i, Loading(self.lists, normalize, image_out, mask_out))
 
 
 def _distributed_rank_world() -> tuple[int, int]:
