@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import fileio, images, records
+from transforms import images, records, storage
 from transforms.ledger import LEDGER_TAG
 
 SIZES = (224, 518)
@@ -396,12 +396,9 @@ def test_gcs_requester_pays_read(gcs_emulator, radiograph_jpegs, faulty_files):
     bucket.blob("images/p10/truncated.jpg").upload_from_string(real[: len(real) // 2])
     base = f"{gcs_emulator}/images/p10"
 
-    assert fileio.read_bytes(f"{base}/real.jpg", user_project="billed-project") == real
-    assert fileio._requester_pays_blob(f"{base}/real.jpg", "billed-project").user_project == (
-        "billed-project"
-    )
+    assert storage.read_bytes(f"{base}/real.jpg", user_project="billed-project") == real
     with pytest.raises(FileNotFoundError):
-        fileio.read_bytes(f"{base}/absent.jpg", user_project="billed-project")
+        storage.read_bytes(f"{base}/absent.jpg", user_project="billed-project")
 
     expected, expected_box = images.preprocess_image(real, size=224)
     samples = [

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from apache_beam.metrics import Metrics
 
-from transforms import fileio
+from transforms import storage
 from transforms.chunks.format import encode_record
 from transforms.ledger import LEDGER_TAG, Tally
 from transforms.records import CohortRecord
@@ -48,7 +48,7 @@ class SpillRef:
 
 def tmp_dir(output_dir: str) -> str:
     """Where the run keeps its temporary files (removed once metadata.json is written)."""
-    return fileio.join(output_dir, TMP_DIR)
+    return storage.join(output_dir, TMP_DIR)
 
 
 def spill_path(output_dir: str, record_id: str) -> str:
@@ -57,7 +57,7 @@ def spill_path(output_dir: str, record_id: str) -> str:
     name = record_id if _SAFE_NAME.match(record_id) else "h-" + hashlib.sha256(
         record_id.encode()
     ).hexdigest()
-    return fileio.join(tmp_dir(output_dir), "records", f"{name}.pt")
+    return storage.join(tmp_dir(output_dir), "records", f"{name}.pt")
 
 
 def _tensor(value: Any, dtype: np.dtype) -> torch.Tensor:
@@ -127,7 +127,7 @@ class _SpillFn(beam.DoFn):
         cohort: CohortRecord = sample["cohort"]
         data = encode_record(to_chunk_record(sample, split=""))
         path = spill_path(self._output_dir, cohort.record_id)
-        fileio.write_bytes(path, data)
+        storage.write_bytes(path, data)
         self._tally.inc(SPILLED)
         self._bytes.inc(len(data))
         yield SpillRef(
