@@ -5,6 +5,9 @@ Clients reach it through STORAGE_EMULATOR_HOST, so every request of google-cloud
 `write_ops` sorts the recorded requests into object writes the way GCS bills them: one
 upload per object created (a resumable upload's chunks belong to its start), a copy or
 rewrite, a delete; the calls inside a batch request count one by one.
+
+The emulator ignores preconditions; the proxy answers an upload with `ifGenerationMatch=0`
+for an object that exists with 412, as GCS does, so that `if_absent` can be exercised.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import http.client
+import json
 import re
 import threading
 import urllib.parse
@@ -20,6 +24,10 @@ from typing import Iterator
 
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 _BATCH_LINE = re.compile(rb"^(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.1", re.M)
+_UPLOAD_BUCKET = re.compile(r"^/upload/storage/v1/b/([^/]+)/o$")
+_NAME = re.compile(rb'"name":\s*"((?:[^"\\]|\\.)*)"')
+_PRECONDITION_FAILED = (b'{"error": {"code": 412, "message": "At least one of the pre-conditions '
+                        b'you specified did not hold."}}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,24 @@ class CountingProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
+    def _exists_already(self, method: str, target: str, body: bytes) -> bool:
+        """Whether this upload asks `ifGenerationMatch=0` of an object that exists."""
+        url = urllib.parse.urlsplit(target)
+        bucket = _UPLOAD_BUCKET.match(url.path)
+        query = urllib.parse.parse_qs(url.query)
+        if method != "POST" or not bucket or query.get("ifGenerationMatch") != ["0"]:
+            return False
+        name = query.get("name", [None])[0]
+        if name is None:
+            found = _NAME.search(body)
+            name = json.loads(b'"' + found.group(1) + b'"') if found else ""
+        conn = http.client.HTTPConnection(*self._target, timeout=120)
+        conn.request("GET", f"/storage/v1/b/{bucket.group(1)}/o/"
+                     f"{urllib.parse.quote(name, safe='')}")
+        status = conn.getresponse().status
+        conn.close()
+        return status == 200
+
     def _record(self, method: str, target: str, body: bytes) -> None:
         url = urllib.parse.urlsplit(target)
         found = [Request(method, url.path, urllib.parse.parse_qs(url.query))]
@@ -71,6 +97,13 @@ class CountingProxy:
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy._record(self.command, self.path, body)
+                if proxy._exists_already(self.command, self.path, body):
+                    self.send_response(412)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(_PRECONDITION_FAILED)))
+                    self.end_headers()
+                    self.wfile.write(_PRECONDITION_FAILED)
+                    return
                 conn = http.client.HTTPConnection(*proxy._target, timeout=120)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in _HOP_HEADERS}

@@ -388,9 +388,9 @@ def test_pipeline_output_is_the_pure_function_output(radiograph_jpegs):
 
 
 def test_gcs_requester_pays_read(gcs_emulator, radiograph_jpegs, faulty_files):
-    from google.cloud import storage
+    from google.cloud import storage as gcs
 
-    bucket = storage.Client(project="test-project").bucket(gcs_emulator[len("gs://"):])
+    bucket = gcs.Client(project="test-project").bucket(gcs_emulator[len("gs://"):])
     real = radiograph_jpegs[0].read_bytes()
     bucket.blob("images/p10/real.jpg").upload_from_string(real)
     bucket.blob("images/p10/truncated.jpg").upload_from_string(real[: len(real) // 2])
