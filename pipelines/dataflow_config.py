@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from transforms import storage
 from transforms.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,7 +269,7 @@ def _check_types(raw: dict, source: str) -> dict[str, Any]:
 
 
 def _is_gs(path: str) -> bool:
-    return path.startswith("gs://")
+    return storage.is_gcs(path)
 
 
 def _check_path(values: dict, name: str, source: str, *, dataflow: bool, base: Path,
