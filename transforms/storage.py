@@ -77,6 +77,7 @@ def _client(user_project: Optional[str]) -> Any:
 
 
 def _bucket(name: str, user_project: Optional[str] = None) -> Any:
+    user_project = user_project or None  # "" bills no one, like None
     return _client(user_project).bucket(name, user_project=user_project)
 
 

@@ -174,17 +174,9 @@ class ImageTreeWriter:
         return storage.join(self._root, relpath)
 
     def write(self, relpath: str, data: bytes) -> None:
-        """Writes `data` to `relpath`, replacing any file there (never through a link)."""
-        path = self._path(relpath)
-        if self._remote:
-            storage.write_bytes(path, data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        # Replace, not rewrite in place: the old file may be a hard link shared with others.
-        os.replace(tmp, path)
+        """Writes `data` to `relpath`, replacing any file there (never through a link: locally
+        a new file is renamed over the name, see `storage.write_bytes`)."""
+        storage.write_bytes(self._path(relpath), data)
 
     def remove(self, relpath: str) -> None:
         """Removes `relpath` if a previous run left a file there."""
