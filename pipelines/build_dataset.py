@@ -24,7 +24,7 @@ from pipelines import cli
 from pipelines.local_runner import apply_runner_defaults, is_local
 from pipelines.malloc import limit_malloc_arenas
 from pipelines.config import DatasetConfig, DatasetOptions, config_from_options
-from transforms import dataset_card, fileio, schema
+from transforms import dataset_card, schema, storage
 from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
 from transforms.images import MAIN_TAG as IMAGES_TAG
@@ -77,7 +77,7 @@ def build_pipeline(
     if cfg.compute_indices_only:
         ledger = (tables[LEDGER_TAG], cohort[LEDGER_TAG]) | "Ledger" >> SumLedger()
         assignment | "WriteIndices" >> WriteIndices(
-            fileio.join(cfg.output_dir, INDICES_NAME), beam.pvalue.AsDict(ledger), JOIN_TABLES)
+            storage.join(cfg.output_dir, INDICES_NAME), beam.pvalue.AsDict(ledger), JOIN_TABLES)
         return
 
     progress = Progress()
@@ -141,7 +141,7 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
     from pipelines.synthetic_mimic import generate
 
     folder = cfg.output_dir + SYNTHETIC_DIR_SUFFIX
-    stamp = fileio.join(folder, "generated.json")
+    stamp = storage.join(folder, "generated.json")
     params = {
         "n_patients": cfg.synthetic_patients,
         "seed": cfg.seed,
@@ -152,8 +152,8 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
         "faults": cfg.synthetic_patients // 400,
     }
     data = None
-    if fileio.exists(stamp):
-        saved = json.loads(fileio.read_bytes(stamp))
+    if storage.exists(stamp):
+        saved = json.loads(storage.read_bytes(stamp))
         if saved.get("params") == params:
             data = saved["roots"]
     if data is None:
@@ -165,7 +165,7 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
             "mimic_ed_dir": generated.mimic_ed_dir,
             "mimic_cxr_dir": generated.mimic_cxr_dir,
         }
-        fileio.write_bytes(stamp, json.dumps({"params": params, "roots": data}).encode())
+        storage.write_bytes(stamp, json.dumps({"params": params, "roots": data}).encode())
     return dataclasses.replace(cfg, **data)
 
 
@@ -226,10 +226,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     result.wait_until_finish()
     elapsed = time.monotonic() - started
     if cfg.compute_indices_only:
-        print(f"wrote {fileio.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
+        print(f"wrote {storage.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
         print(counters_text(result))
         return None
-    metadata = json.loads(fileio.read_bytes(fileio.join(cfg.output_dir, "metadata.json")))
+    metadata = json.loads(storage.read_bytes(storage.join(cfg.output_dir, "metadata.json")))
     print(summary_text(metadata, cfg.output_dir, elapsed))
     print(counters_text(result))
     return metadata
@@ -260,9 +260,9 @@ def summary_text(metadata: dict, output_dir: str, elapsed: float) -> str:
             f"{reason} {n}" for reason, n in sorted(metadata["dropped"].items()) if n) or "none"),
         "  failed: " + (", ".join(
             f"{reason} {n}" for reason, n in sorted(metadata["failed"].items()) if n) or "none"),
-        "  report: " + (fileio.join(output_dir, metadata["report"]) if metadata.get("report")
+        "  report: " + (storage.join(output_dir, metadata["report"]) if metadata.get("report")
                         else f"not written ({metadata.get('report_error')})"),
-        "  dataset card: " + fileio.join(output_dir, dataset_card.CARD_NAME),
+        "  dataset card: " + storage.join(output_dir, dataset_card.CARD_NAME),
     ]
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import fileio, images, records
+from transforms import images, records, storage
 from transforms.ledger import LEDGER_TAG
 
 SIZES = (224, 518)
@@ -388,20 +388,17 @@ def test_pipeline_output_is_the_pure_function_output(radiograph_jpegs):
 
 
 def test_gcs_requester_pays_read(gcs_emulator, radiograph_jpegs, faulty_files):
-    from google.cloud import storage
+    from google.cloud import storage as gcs
 
-    bucket = storage.Client(project="test-project").bucket(gcs_emulator[len("gs://"):])
+    bucket = gcs.Client(project="test-project").bucket(gcs_emulator[len("gs://"):])
     real = radiograph_jpegs[0].read_bytes()
     bucket.blob("images/p10/real.jpg").upload_from_string(real)
     bucket.blob("images/p10/truncated.jpg").upload_from_string(real[: len(real) // 2])
     base = f"{gcs_emulator}/images/p10"
 
-    assert fileio.read_bytes(f"{base}/real.jpg", user_project="billed-project") == real
-    assert fileio._requester_pays_blob(f"{base}/real.jpg", "billed-project").user_project == (
-        "billed-project"
-    )
+    assert storage.read_bytes(f"{base}/real.jpg", user_project="billed-project") == real
     with pytest.raises(FileNotFoundError):
-        fileio.read_bytes(f"{base}/absent.jpg", user_project="billed-project")
+        storage.read_bytes(f"{base}/absent.jpg", user_project="billed-project")
 
     expected, expected_box = images.preprocess_image(real, size=224)
     samples = [

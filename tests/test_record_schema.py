@@ -13,7 +13,7 @@ import torch
 
 from tests.test_splits import labels_with, make_cohort
 from tests.test_write_chunks import FEATURES, IMAGE, make_sample
-from transforms import fileio
+from transforms import storage
 from transforms.chunks.dataset import IMAGENET_MEAN, IMAGENET_STD, _LoadedChunk, _Normalizer
 from transforms.chunks.format import (
     CHUNK_FIELDS,
@@ -73,7 +73,7 @@ def test_every_field_round_trips_from_the_stages_to_the_training_record(tmp_path
     spilled = [_spill(tmp_path, n) for n in range(3)]
     records = []
     for _, ref in spilled:
-        record = decode_record(fileio.read_bytes(ref.path))
+        record = decode_record(storage.read_bytes(ref.path))
         assert list(record) == [f.name for f in FIELDS]
         records.append({**record, "split": "val"})
     chunk = decode_chunk(encode_chunk(records, split="val", index=0, count=1))

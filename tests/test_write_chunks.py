@@ -17,7 +17,7 @@ import torch
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from tests.test_splits import labels_with, make_cohort, runner_options
-from transforms import fileio
+from transforms import storage
 from transforms.chunks.format import decode_chunk, decode_record, encode_record
 from transforms.errors import InputError
 from transforms.records import DROP_NO_ED_STAY, DROP_NOT_FRONTAL, FAIL_IMAGE_TRUNCATED, FAIL_TEXT
@@ -174,7 +174,7 @@ def test_chunk_writer_retried_after_it_deleted_its_records_emits_the_same_chunk(
     for record in cohort:
         data = encode_record(to_chunk_record(make_sample(record), ""))
         path = spill_path(out, record.record_id)
-        fileio.write_bytes(path, data)
+        storage.write_bytes(path, data)
         refs.append(SpillRef(record.record_id, 1, record.study_id, "s", record.labels, path,
                              len(data)))
     element = (("test", 0), [(i, 1, ref) for i, ref in reversed(list(enumerate(refs)))])

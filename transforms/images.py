@@ -30,11 +30,10 @@ from typing import Any, Iterator, Optional
 import apache_beam as beam
 import cv2
 import numpy as np
-from apache_beam.io.filesystem import BeamIOError
 from apache_beam.metrics import Metrics
 from PIL import Image, UnidentifiedImageError
 
-from transforms import fileio, records
+from transforms import records, storage
 from transforms.ledger import LEDGER_TAG, Tally
 
 STAGE = "image"
@@ -299,8 +298,8 @@ class _PreprocessImageFn(beam.DoFn):
         record: records.CohortRecord = sample["cohort"]
         path = record.image_path
         try:
-            data = fileio.read_bytes(path, user_project=self._project)
-        except (FileNotFoundError, BeamIOError) as exc:
+            data = storage.read_bytes(path, user_project=self._project)
+        except FileNotFoundError as exc:
             yield self._dead(record, records.FAIL_IMAGE_MISSING, f"{type(exc).__name__}: {path}")
             return
         try:

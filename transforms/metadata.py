@@ -23,10 +23,8 @@ import math
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystem import BeamIOError
-from apache_beam.io.filesystems import FileSystems
 
-from transforms import dataset_card, fileio, report, schema
+from transforms import dataset_card, report, schema, storage
 from transforms import ledger as ledger_names
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, check_conservation
 from transforms.chunks.format import FORMAT_VERSION
@@ -71,15 +69,6 @@ class ChunkInfo:
     sha256: str
 
 
-def _delete_tree(path: str) -> None:
-    """Deletes a directory (local) or every object under a prefix (gs://), if any."""
-    if path.startswith("gs://"):
-        if fileio.list_files(path.rstrip("/") + "/**"):
-            FileSystems.delete([path.rstrip("/") + "/"])
-    else:
-        fileio.delete([path])
-
-
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
     """Makes `output_dir` ready for a run, before any work.
 
@@ -93,19 +82,19 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     Raises:
         InputError: a complete output is there and `overwrite` is False.
     """
-    metadata = fileio.join(output_dir, METADATA_NAME)
-    if fileio.exists(metadata):
+    metadata = storage.join(output_dir, METADATA_NAME)
+    if storage.exists(metadata):
         if not overwrite:
             raise InputError(
                 f"{output_dir} already holds a complete output ({METADATA_NAME} is there); "
                 "pass --overwrite to replace it"
             )
         _LOG.info("Replacing the complete output in %s (--overwrite)", output_dir)
-        fileio.delete([metadata])
+        storage.delete([metadata])
     for name in _RUN_DIRS:
-        _delete_tree(fileio.join(output_dir, name))
-    fileio.delete([fileio.join(output_dir, report.REPORT_NAME),
-                   fileio.join(output_dir, dataset_card.CARD_NAME)])
+        storage.delete_tree(storage.join(output_dir, name))
+    storage.delete([storage.join(output_dir, report.REPORT_NAME),
+                   storage.join(output_dir, dataset_card.CARD_NAME)])
 
 
 def _label_class(value: float) -> str:
@@ -465,7 +454,7 @@ class _CommitFn(beam.DoFn):
             ledger_names.ARRIVED_ASSIGNED_RECORDS: assignment.records,
         }, self._tables)
         out = self._output_dir
-        fileio.write_bytes(fileio.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
+        storage.write_bytes(storage.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
         check_failed_fraction(dead, ledger.get("cohort/records", 0), self._max_failed_fraction)
         meta = build_metadata(
             chunks=chunks,
@@ -475,20 +464,16 @@ class _CommitFn(beam.DoFn):
             assignment=assignment,
             **self._settings,
         )
-        fileio.write_bytes(fileio.join(out, INDICES_NAME), indices_bytes(assignment))
-        # Temporary names of writes that a retried bundle abandoned.
-        leftovers = [
-            path
-            for split in SPLITS
-            for path in fileio.list_files(fileio.join(out, split, "*.tmp-*"))
-        ]
-        fileio.delete(leftovers)
+        storage.write_bytes(storage.join(out, INDICES_NAME), indices_bytes(assignment))
+        # Temporary files of local writes that a failed bundle abandoned.
+        storage.delete(path for split in SPLITS
+                       for path in storage.temporaries(storage.join(out, split)))
         meta.update(report.publish_report(out, meta, self._report_examples))
         dataset_card.write_card(out, meta)
-        fileio.write_bytes(fileio.join(out, METADATA_NAME), metadata_bytes(meta))
+        storage.write_bytes(storage.join(out, METADATA_NAME), metadata_bytes(meta))
         try:
-            _delete_tree(tmp_dir(out))
-        except (OSError, BeamIOError) as err:
+            storage.delete_tree(tmp_dir(out))
+        except OSError as err:
             # The output is complete; leftovers only cost space, and a re-run clears them.
             _LOG.warning("Could not remove %s: %s", tmp_dir(out), type(err).__name__)
         yield meta

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import fileio
+from transforms import storage
 from transforms.chunks import record
 from transforms.chunks.format import encode_record
 from transforms.chunks.record import missing_features  # noqa: F401 (re-exported)
@@ -49,7 +49,7 @@ class SpillRef:
 
 def tmp_dir(output_dir: str) -> str:
     """Where the run keeps its temporary files (removed once metadata.json is written)."""
-    return fileio.join(output_dir, TMP_DIR)
+    return storage.join(output_dir, TMP_DIR)
 
 
 def spill_path(output_dir: str, record_id: str) -> str:
@@ -58,7 +58,7 @@ def spill_path(output_dir: str, record_id: str) -> str:
     name = record_id if _SAFE_NAME.match(record_id) else "h-" + hashlib.sha256(
         record_id.encode()
     ).hexdigest()
-    return fileio.join(tmp_dir(output_dir), "records", f"{name}.pt")
+    return storage.join(tmp_dir(output_dir), "records", f"{name}.pt")
 
 
 def to_chunk_record(sample: dict, split: str) -> dict:
@@ -110,7 +110,7 @@ class _SpillFn(beam.DoFn):
         chunk_record = to_chunk_record(sample, split="")
         data = encode_record(chunk_record)
         path = spill_path(self._output_dir, cohort.record_id)
-        fileio.write_bytes(path, data)
+        storage.write_bytes(path, data)
         self._tally.inc(SPILLED)
         self._bytes.inc(len(data))
         yield SpillRef(
