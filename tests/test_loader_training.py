@@ -80,6 +80,18 @@ def test_loader_state_resumes_on_other_worker_counts(
     assert before + ids(stateful(ds, after_workers)) == full
 
 
+def test_loader_state_between_snapshots_resumes_exactly(output: Path) -> None:
+    """A state taken between worker snapshots (snapshot_every_n_steps=2) counts the batches
+    delivered since the last one."""
+    full = ids(stateful(dataset(output), 0))
+    loader = StatefulDataLoader(dataset(output), batch_size=BATCH, num_workers=2,
+                                collate_fn=collate_records, snapshot_every_n_steps=2)
+    before = ids(loader, batches=3)
+    ds = dataset(output)
+    ds.load_state_dict(loader.state_dict())
+    assert before + ids(stateful(ds, 1)) == full
+
+
 def test_worker_state_into_other_workers_is_refused(output: Path) -> None:
     loader = stateful(dataset(output, world_size=2, rank=0), 2)
     ids(loader, batches=2)

@@ -4,16 +4,24 @@ Two modes, chosen by `mode=` (both are `ChunkedDataset` instances):
 
 - "iterable" (default, for training): a `torch.utils.data.IterableDataset` that reads chunks
   sequentially. Each epoch shuffles the chunk order, then the records within windows of
-  consecutive chunks, reproducibly from (seed, epoch). It shards across distributed ranks
-  (equal counts per rank) and DataLoader workers, and resumes mid-epoch from `state_dict()`.
+  consecutive chunks (4096 records by default), reproducibly from (seed, epoch). It shards
+  across distributed ranks (equal counts per rank) and DataLoader workers, and resumes
+  mid-epoch, through torchdata's `StatefulDataLoader` or its own `state_dict()`, on any
+  number of workers and ranks (see `IterableChunkedDataset`).
 - "map" (for evaluation and random access): `len(ds)` and `ds[i]`, a global index found in the
   chunks through cumulative counts and `bisect`. Shuffle and shard with the DataLoader's
   sampler (`DistributedSampler` across ranks); the shuffle/rank options do not apply.
 
 Memory stays bounded whatever the dataset size: a process holds at most `cache_chunks` decoded
 chunks (in iterable mode, at least the chunks of one shuffle window), memory-mapped, and never
-reads the other chunks up front. Each chunk is checked against metadata.json (size always,
-sha256 when `verify`) the first time a process reads it.
+reads the other chunks up front: its resident memory is the pages of the records it read from
+them, at most one window's (about 0.3 MB a record at 518 x 518, file-backed and reclaimable).
+Each chunk is checked against metadata.json (size always, sha256 when `verify`) the first time
+a process reads it. gs:// chunks are downloaded into a capped local cache, the next ones in
+background threads (`prefetch`).
+
+`columns=` keeps only some fields of each record; an image not asked for is neither
+normalised nor masked, the loader's main costs.
 
 Each record is a dict:
     image_tensor        float32 [C, S, S] (or image_dtype), (uint8 / 255 - mean) / std per
@@ -228,8 +236,9 @@ class ChunkedDataset(torch.utils.data.Dataset):
         seed: iterable mode: the shuffle seed (non-negative); the order is a function of
             (seed, epoch, the manifest) and of nothing else.
         shuffle_window: iterable mode: records are shuffled within windows of this many
-            records, rounded up to whole chunks, of the chunk-shuffled stream; default
-            `cache_chunks` chunks. A process holds the chunks of one window at once.
+            records, rounded up to whole chunks, of the chunk-shuffled stream (a batch of 32
+            then draws from ~26 chunks, where windows of 2 chunks gave 2). A process holds
+            the chunks of one window at once, and the pages of the records it read of them.
         batch_size: iterable mode: the DataLoader's batch size (recommended). The stream is
             cut into blocks of batch_size records; workers take them in turn, which the
             DataLoader's round robin puts back in order, so the stream is the same for any
@@ -254,6 +263,10 @@ class ChunkedDataset(torch.utils.data.Dataset):
         drop_last: iterable mode: with several ranks, drop the epoch's last records so that
             every rank gets N // world_size; otherwise (default) the epoch wraps around to
             its first records so that every rank gets ceil(N / world_size).
+        columns: the record fields to load (see the module docstring); default all.
+        prefetch: gs:// chunks each process downloads ahead of its reads, in as many
+            threads; fewer where they would not fit in `cache_bytes` (shared by the
+            DataLoader workers); 0 downloads each chunk at its first read.
 
     Raises:
         IncompleteOutputError: no metadata.json in output_dir.
@@ -607,8 +620,8 @@ class IterableChunkedDataset(ChunkedDataset, torch.utils.data.IterableDataset):
 
     Order: the epoch's order of the whole split is a function of (seed, epoch) and the
     manifest. Rank r of W takes the r-th of W equal contiguous parts of it (ceil(N / W) records
-    each, the last part padded with the epoch's first records; or N // W with `drop_last`), so
-    that a rank reads its own chunks. Within a rank, DataLoader workers take blocks of
+    each, the last part padded by wrapping around to the first records; or N // W with
+    `drop_last`), so that a rank reads its own chunks. Within a rank, DataLoader workers take blocks of
     `batch_size` records in turn; the DataLoader's round robin puts them back in order, so
     what the training loop sees does not depend on num_workers.
 
