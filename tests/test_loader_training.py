@@ -16,6 +16,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from tests.chunk_fixtures import upload_tree, write_dataset
 from transforms.chunks import ChunkedDataset, collate_records
 
+# torchdata 0.11 calls a deprecated torch API; 3 workers on this 2-core machine are on purpose.
+pytestmark = [pytest.mark.filterwarnings("ignore:'set_vital' is deprecated"),
+              pytest.mark.filterwarnings("ignore:This DataLoader will create")]
+
 N = 70  # chunks of 5: 14 chunks
 BATCH = 8
 WINDOW = 15  # records: windows of 3 chunks, so that windows and their edges are exercised
