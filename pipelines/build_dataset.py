@@ -27,17 +27,18 @@ from pipelines.config import DatasetConfig, DatasetOptions, config_from_options
 from transforms import dataset_card, schema, storage
 from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
-from transforms.images import MAIN_TAG as IMAGES_TAG
 from transforms.images import PreprocessImages
-from transforms.notes import NOTES_TAG, BuildNotes, check_text_config
+from transforms.notes import BuildNotes, check_text_config
 from transforms.progress import Progress
 from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger
-from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, sample_from
+from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, SAMPLES_TAG, sample_from
 from transforms.spill import REFS_TAG
 from transforms.splits import INDICES_NAME, SplitAssignment, SplitPatients, WriteIndices
 from transforms.splits import read_indices
 from transforms.tables import ReadTables, check_image_root, check_tables
-from transforms.write_chunks import SpillSamples, WriteChunks, WriteMetadata, check_output_dir
+from transforms.metadata import WriteMetadata, check_output_dir
+from transforms.spill import SpillSamples
+from transforms.write_chunks import WriteChunks
 
 SYNTHETIC_DIR_SUFFIX = "_synthetic_mimic"
 
@@ -99,14 +100,14 @@ def build_pipeline(
             top_k=cfg.retrieval_top_k,
         )
     )
-    images = notes[NOTES_TAG] | "PreprocessImages" >> PreprocessImages(
+    images = notes[SAMPLES_TAG] | "PreprocessImages" >> PreprocessImages(
         image_size=cfg.image_size,
         clahe=cfg.clahe_clip_limit > 0,
         clip_limit=cfg.clahe_clip_limit or 2.0,
         tile_grid=cfg.clahe_tile_grid,
         requester_pays_project=cfg.requester_pays_project,
     )
-    spilled = images[IMAGES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
+    spilled = images[SAMPLES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
     refs = spilled[REFS_TAG] | "LogProgress" >> progress.log()
     chunks = (refs, assignment) | "WriteChunks" >> WriteChunks(
         cfg.output_dir, cfg.chunk_size, cfg.seed

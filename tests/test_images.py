@@ -353,7 +353,7 @@ def test_pipeline_splits_good_images_from_every_dead_letter_kind(
 
     pipeline = test_pipeline.TestPipeline(options=_options())
     out = pipeline | beam.Create(samples) | images.PreprocessImages(image_size=size)
-    good, dead = out[images.MAIN_TAG], out[records.DEAD_LETTER_TAG]
+    good, dead = out[records.SAMPLES_TAG], out[records.DEAD_LETTER_TAG]
     assert_that(good | "Summarise" >> beam.Map(_summary), equal_to(expected_good), label="Good")
     assert_that(dead | "Keys" >> beam.Map(_dead_key), equal_to(expected_dead), label="Dead")
     # The ledger counts each failure where it happened, for the run's conservation check.
@@ -378,7 +378,7 @@ def test_pipeline_output_is_the_pure_function_output(radiograph_jpegs):
 
     with test_pipeline.TestPipeline(options=_options()) as pipeline:
         result = pipeline | beam.Create([sample]) | images.PreprocessImages()
-        fingerprints = result[images.MAIN_TAG] | beam.Map(
+        fingerprints = result[records.SAMPLES_TAG] | beam.Map(
             lambda s: (s["image"].tobytes(), s["image_box"].tobytes())
         )
         assert_that(
@@ -410,7 +410,7 @@ def test_gcs_requester_pays_read(gcs_emulator, radiograph_jpegs, faulty_files):
         result = pipeline | beam.Create(samples) | images.PreprocessImages(
             image_size=224, requester_pays_project="billed-project"
         )
-        good, dead = result[images.MAIN_TAG], result[records.DEAD_LETTER_TAG]
+        good, dead = result[records.SAMPLES_TAG], result[records.DEAD_LETTER_TAG]
         assert_that(
             good | "Bytes" >> beam.Map(lambda s: (s["image"].tobytes(), s["image_box"].tolist())),
             equal_to([(expected.tobytes(), expected_box.tolist())]),

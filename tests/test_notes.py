@@ -370,9 +370,9 @@ def test_build_notes_in_a_pipeline(resources) -> None:
             | "Create" >> beam.Create(inputs + [_sample(bad)])
             | "Notes" >> notes.BuildNotes(max_text_length=128, batch_size=4)
         )
-        assert set(out) == {notes.NOTES_TAG, records.DEAD_LETTER_TAG, LEDGER_TAG}
+        assert set(out) == {records.SAMPLES_TAG, records.DEAD_LETTER_TAG, LEDGER_TAG}
         assert_that(out[LEDGER_TAG], equal_to([(notes.FAILED_TEXT, 1)]), label="Ledger")
-        assert_that(out[notes.NOTES_TAG] | "Canonical" >> beam.Map(_canonical),
+        assert_that(out[records.SAMPLES_TAG] | "Canonical" >> beam.Map(_canonical),
                     equal_to(expected), label="Samples")
         assert_that(out[records.DEAD_LETTER_TAG], equal_to([records.DeadLetter(
             "bad", bad.subject_id, bad.study_id, "text", records.FAIL_TEXT,

@@ -15,9 +15,9 @@ import transforms
 from pipelines.config import DatasetOptions, config_from_options
 from tests.test_report import FEATURES, _refs, _stats, make_meta
 from transforms import dataset_card, provenance, report, schema
+from transforms.write_chunks import ChunkInfo
 from transforms.metadata import (
     METADATA_NAME,
-    ChunkInfo,
     _CommitFn,
     build_metadata,
     check_output_dir,

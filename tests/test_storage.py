@@ -20,7 +20,7 @@ from tests.test_splits import runner_options
 from tests.test_write_chunks import make_cohort_records, make_sample, run_pipeline
 from transforms import storage
 from transforms.spill import REFS_TAG, SpillSamples, spill_path
-from transforms.write_chunks import check_output_dir
+from transforms.metadata import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,21 +23,16 @@ from transforms.errors import InputError
 from transforms.records import DROP_NO_ED_STAY, DROP_NOT_FRONTAL, FAIL_IMAGE_TRUNCATED, FAIL_TEXT
 from transforms.records import CohortRecord, DeadLetter
 from transforms.ledger import LEDGER_TAG, SumLedger
-from transforms.spill import REFS_TAG, SpillRef, spill_path, to_chunk_record
+from transforms.metadata import WriteMetadata, check_output_dir
+from transforms.spill import REFS_TAG, SpillRef, SpillSamples, spill_path, to_chunk_record
 from transforms.splits import SPLITS, SplitAssignment, SplitPatients, read_indices
-from transforms.write_chunks import (
-    SpillSamples,
-    WriteChunks,
-    WriteMetadata,
-    _WriteChunkFn,
-    check_output_dir,
-    lay_out_split,
-)
+from transforms.write_chunks import WriteChunks, _WriteChunkFn, lay_out_split
 
 IMAGE = 16
 FEATURES = ("heartrate", "o2sat", "age", "pain")
 RATIOS = (0.7, 0.15, 0.15)
-CONFIG = {"chunk_size": 4, "seed": 42, "ratios": list(RATIOS), "image_size": IMAGE}
+CONFIG = {"chunk_size": 4, "seed": 42, "ratios": list(RATIOS), "image_size": IMAGE,
+          "max_text_length": 8192}
 
 
 def make_sample(record: CohortRecord) -> dict:

@@ -30,10 +30,10 @@ from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, ch
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.chunks.record import SUMMARISED, Summary
 from transforms.errors import InputError
-from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
 from transforms.provenance import collect, package_versions
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.spill import TMP_DIR, SpillRef, tmp_dir
+from transforms.write_chunks import ChunkInfo
 from transforms.splits import (
     INDICES_NAME,
     SPLITS,
@@ -55,18 +55,6 @@ _RUN_DIRS: tuple[str, ...] = (*SPLITS, FAILED_DIR, TMP_DIR, report.REPORT_DIR)
 NOTE_TOKEN_BINS = 1024
 
 _LOG = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkInfo:
-    """One written chunk, as metadata.json lists it."""
-
-    path: str  # relative to the output dir, e.g. "train/train-00000-of-00003.pt"
-    split: str
-    index: int
-    records: int
-    bytes: int
-    sha256: str
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -497,7 +485,7 @@ class WriteMetadata(beam.PTransform):
     Args:
         output_dir: local dir or gs:// URI of the dataset.
         config: the configuration recorded in metadata.json (JSON-serialisable); its
-            "max_text_length" (default: the notes stage's) sets the histogram's bins.
+            "max_text_length" sets the histogram's bins.
         image_size: side of the stored square images.
         feature_names: names of clinical_data's columns (default features.FEATURE_NAMES).
         label_names: names of the labels (default schema.CHEXPERT_LABELS).
@@ -539,7 +527,7 @@ class WriteMetadata(beam.PTransform):
             raise ValueError(f"report_examples must be >= 0, got {report_examples}")
         self._output_dir = output_dir.rstrip("/")
         self._report_examples = int(report_examples)
-        self._max_text_length = int(config.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH))
+        self._max_text_length = int(config["max_text_length"])
         self._settings = {
             "config": dict(config),
             "image_size": int(image_size),

@@ -21,7 +21,6 @@ from apache_beam.metrics import Metrics
 from transforms import storage
 from transforms.chunks import record
 from transforms.chunks.format import encode_record
-from transforms.chunks.record import missing_features  # noqa: F401 (re-exported)
 from transforms.ledger import LEDGER_TAG, Tally
 from transforms.records import CohortRecord
 from transforms.splits import record_stratum
@@ -129,7 +128,7 @@ class SpillSamples(beam.PTransform):
 
     Input: preprocessed sample dicts (see `to_chunk_record`), on the fused path right after
         the last preprocessing stage.
-    Output: a DoOutputsTuple: `SpillRef`s, one per sample (`result[REFS_TAG]`), and the
+    Output: a dict: `SpillRef`s, one per sample (`result[REFS_TAG]`), and the
         records spilled (`result[LEDGER_TAG]`, see `transforms.ledger`). No dead letters: a
         sample the chunk format rejects (wrong dtype or shape) is a programming error and
         fails the pipeline (ValueError), and storage errors are left to the runner's retries (the write is idempotent).
@@ -142,6 +141,7 @@ class SpillSamples(beam.PTransform):
         super().__init__()
         self._output_dir = output_dir.rstrip("/")
 
-    def expand(self, samples: beam.PCollection) -> beam.PCollection:
-        return samples | "SpillRecord" >> beam.ParDo(_SpillFn(self._output_dir)).with_outputs(
+    def expand(self, samples: beam.PCollection) -> dict[str, beam.PCollection]:
+        out = samples | "SpillRecord" >> beam.ParDo(_SpillFn(self._output_dir)).with_outputs(
             LEDGER_TAG, main=REFS_TAG)
+        return {REFS_TAG: out[REFS_TAG], LEDGER_TAG: out[LEDGER_TAG]}

@@ -8,8 +8,8 @@ Only refs cross the two GroupByKeys; the writer reads one chunk's records back f
 temporary files, writes the chunk atomically (`transforms.storage.write_bytes`) and deletes
 them.
 
-The pipeline's output stages, in order (see `WriteChunks`, `transforms.spill.SpillSamples`
-and `transforms.metadata.WriteMetadata`, re-exported here):
+The pipeline's output stages, in order (`transforms.spill.SpillSamples`, `WriteChunks`,
+`transforms.metadata.WriteMetadata`):
 
     refs = samples | SpillSamples(output_dir)
     chunks = (refs, assignment) | WriteChunks(output_dir, chunk_size, seed)
@@ -18,6 +18,7 @@ and `transforms.metadata.WriteMetadata`, re-exported here):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from typing import Iterable, Iterator
@@ -27,21 +28,21 @@ from apache_beam.metrics import Metrics
 
 from transforms import storage
 from transforms.chunks.format import chunk_relpath, decode_chunk, decode_record, encode_chunk
-from transforms.metadata import ChunkInfo, WriteMetadata, check_output_dir
-from transforms.spill import SpillRef, SpillSamples, to_chunk_record
+from transforms.spill import SpillRef, to_chunk_record
 from transforms.splits import SplitAssignment
 
-__all__ = [
-    "ChunkInfo",
-    "SpillRef",
-    "SpillSamples",
-    "WriteChunks",
-    "WriteMetadata",
-    "check_output_dir",
-    "chunk_count",
-    "lay_out_split",
-    "to_chunk_record",
-]
+
+@dataclasses.dataclass(frozen=True)
+class ChunkInfo:
+    """One written chunk, as metadata.json lists it."""
+
+    path: str  # relative to the output dir, e.g. "train/train-00000-of-00003.pt"
+    split: str
+    index: int
+    records: int
+    bytes: int
+    sha256: str
+
 
 # ((split, chunk index), (offset in the chunk, chunks in the split, ref))
 Slot = tuple[tuple[str, int], tuple[int, int, SpillRef]]
@@ -155,7 +156,7 @@ class WriteChunks(beam.PTransform):
     Input: a tuple `(refs, assignment)`: the `SpillRef`s of `SpillSamples`, and the
         one-element `SplitAssignment` PCollection of `splits.SplitPatients` (read here as a
         side input).
-    Output: `metadata.ChunkInfo`, one per chunk written to
+    Output: `ChunkInfo`, one per chunk written to
         `{output_dir}/{split}/{split}-{index:05d}-of-{count:05d}.pt`: every chunk holds
         exactly `chunk_size` records but the last of each split. No dead letters: a record
         that failed upstream never became a ref, so it takes no place in any chunk.

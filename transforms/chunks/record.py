@@ -438,6 +438,10 @@ _LOADERS = tuple(_per_chunk_loader(f) if f.per_chunk else f.encoding.loader(f) f
 LIST_COLUMNS: tuple[str, ...] = tuple(
     column for f in FIELDS for column in (f.offsets, f.bounds) if column
 )
+# The training record's keys, in order: each field's loaded name, then its mask if it has one.
+TRAINING_FIELDS: tuple[str, ...] = tuple(
+    key for f in FIELDS for key in (f.loaded_name, f.mask) if key
+)
 # Training-record keys padded (not stacked) by collate_records: the ragged fields and masks.
 PADDED_KEYS: tuple[str, ...] = tuple(
     key for f in FIELDS if f.kind == "ragged" for key in (f.loaded_name, f.mask)
