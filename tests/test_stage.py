@@ -315,3 +315,14 @@ def test_cli_dry_run_and_bad_input(source_dataset, proxy, capsys):
     assert stage.main(args + ["--stage_to", "/tmp/local-copy", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: staging copies between gs:// locations") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"views": [" ", ""]}, "--views must name at least one ViewPosition"),
+    ({"user_project": ""}, "needs --requester_pays_project"),
+    ({"workers": 0}, "--workers must be >= 1, got 0"),
+])
+def test_bad_arguments_stop_before_any_call(kwargs, message):
+    args = {"roots": {}, "stage_to": "gs://mine/copy", "user_project": BILLING, **kwargs}
+    with pytest.raises(InputError, match=message):
+        stage.run_stage(**args)
