@@ -90,9 +90,11 @@ def _short(err: Exception) -> str:
 
 
 def _storage_errors() -> tuple[type[Exception], ...]:
+    """A refused or failed call, or no usable credentials."""
     from google.api_core.exceptions import GoogleAPICallError
+    from google.auth.exceptions import GoogleAuthError
 
-    return (GoogleAPICallError,)
+    return (GoogleAPICallError, GoogleAuthError)
 
 
 def check_writable(key: str, uri: str) -> Optional[Finding]:
@@ -105,8 +107,8 @@ def check_writable(key: str, uri: str) -> Optional[Finding]:
 
     name = "/".join(p for p in (uri[len("gs://") + len(bucket):].strip("/"),
                                 f".preflight-{uuid.uuid4().hex}") if p)
-    blob = storage.Client().bucket(bucket).blob(name)
     try:
+        blob = storage.Client().bucket(bucket).blob(name)
         blob.upload_from_string(b"", if_generation_match=0)
         blob.delete()
     except _storage_errors() as err:
@@ -120,8 +122,8 @@ def check_location(
     """A warning when bucket `bucket` (used for `keys`) is not in `region`'s location."""
     from google.cloud import storage
 
-    handle = storage.Client(project=user_project).bucket(bucket, user_project=user_project)
     try:
+        handle = storage.Client(project=user_project).bucket(bucket, user_project=user_project)
         handle.reload()
     except _storage_errors() as err:
         return Finding(WARNING, f"cannot read the location of gs://{bucket} "

@@ -365,9 +365,9 @@ def list_objects(
     """The objects under `prefix_uri` (one paged list): gs:// URI -> listing of those in
     `keep` (all when None), and how many were listed."""
     bucket, prefix = split_gs(prefix_uri)
-    handle = _bucket(bucket, user_project)
     found, listed = {}, 0
     try:
+        handle = _bucket(bucket, user_project)
         for blob in handle.client.list_blobs(handle, prefix=prefix):
             listed += 1
             uri = f"gs://{bucket}/{blob.name}"
@@ -379,9 +379,11 @@ def list_objects(
 
 
 def _storage_errors() -> tuple[type[Exception], ...]:
+    """A refused or failed call, or no usable credentials."""
     from google.api_core.exceptions import GoogleAPICallError
+    from google.auth.exceptions import GoogleAuthError
 
-    return (GoogleAPICallError,)
+    return (GoogleAPICallError, GoogleAuthError)
 
 
 def make_plan(
@@ -668,8 +670,12 @@ def run_stage(
             f"{len(progress.failed):,} of {len(plan.to_copy):,} copies failed (first: {source}: "
             f"{error}); the {progress.done - len(progress.failed):,} done are kept, re-run to "
             "copy the rest")
-    written = write_manifest(manifest_bytes(plan, roots, stage_to, image_root, views),
-                             stage_to, user_project)
+    try:
+        written = write_manifest(manifest_bytes(plan, roots, stage_to, image_root, views),
+                                 stage_to, user_project)
+    except _storage_errors() as err:
+        raise StageError(f"every object is staged, but the manifest could not be written: "
+                         f"{_short_error(err)}; re-run to write it") from err
     out(f"staged {len(plan.objects):,} objects in {stage_to} ({len(plan.to_copy):,} copied, "
         f"{plan.copy_bytes / _GB:,.2f} GB); manifest {stage_to.rstrip('/')}/{MANIFEST_NAME}"
         + ("" if written else " (unchanged)"))
