@@ -23,8 +23,7 @@ import dataclasses
 import uuid
 from typing import Iterable, Mapping, Optional
 
-from pipelines.stage import bill_every_call
-from transforms import schema
+from transforms import schema, storage
 from transforms.errors import InputError
 from transforms.tables import IMAGE_SAMPLE, check_image_root, check_tables
 
@@ -103,12 +102,11 @@ def check_writable(key: str, uri: str) -> Optional[Finding]:
     if bucket is None:
         return Finding(ERROR, f"{key} {uri} is not a gs:// path: Dataflow workers cannot "
                        "write there")
-    from google.cloud import storage
-
     name = "/".join(p for p in (uri[len("gs://") + len(bucket):].strip("/"),
                                 f".preflight-{uuid.uuid4().hex}") if p)
     try:
-        blob = storage.Client().bucket(bucket).blob(name)
+        # Raw calls, so that the finding names the cause (a missing bucket is NotFound).
+        blob = storage.gcs_bucket(bucket).blob(name)
         blob.upload_from_string(b"", if_generation_match=0)
         blob.delete()
     except _storage_errors() as err:
@@ -120,10 +118,8 @@ def check_location(
     bucket: str, keys: list[str], region: str, user_project: Optional[str]
 ) -> Optional[Finding]:
     """A warning when bucket `bucket` (used for `keys`) is not in `region`'s location."""
-    from google.cloud import storage
-
     try:
-        handle = storage.Client(project=user_project).bucket(bucket, user_project=user_project)
+        handle = storage.gcs_bucket(bucket, user_project)
         handle.reload()
     except _storage_errors() as err:
         return Finding(WARNING, f"cannot read the location of gs://{bucket} "
@@ -161,7 +157,6 @@ def run_preflight(
         user_project: the job's requester_pays_project (billed for the input checks).
         image_sample: frontal images checked under the image root.
     """
-    bill_every_call()
     views = tuple(views)
     image_root = image_root or roots[schema.MIMIC_CXR]
     inputs = {**{key: roots[key] for key in (schema.MIMIC_IV, schema.MIMIC_ED,

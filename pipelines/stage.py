@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -39,7 +38,8 @@ from typing import (
     Any, Callable, Container, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence,
 )
 
-from transforms import schema
+from pipelines.prices import PRICES
+from transforms import schema, storage
 from transforms.cohort import parse_study_datetime, parse_table_datetime, pick_stay
 from transforms.errors import InputError
 from transforms.tables import columns, iter_rows, table_path
@@ -49,18 +49,7 @@ MANIFEST_VERSION = 1
 DEFAULT_WORKERS = 32
 DEFAULT_PROGRESS_SECONDS = 30.0
 
-# List prices (USD) and assumptions behind the dry run's figures; printed with them.
-PRICES = {
-    "as_of": "2026-11-22",
-    # Standard storage in a regional bucket (us-central1); a US multi-region costs $0.026.
-    "storage_gb_month": 0.020,
-    # A rewrite and a list call are each one Class A operation (Standard storage, regional;
-    # $0.010 per 1,000 in a multi-region bucket).
-    "class_a_per_1000": 0.005,
-    # Data transfer between locations on one continent, charged when the source and the
-    # destination bucket are in different locations (free within one location).
-    "transfer_gb_cross_location": 0.02,
-}
+# Assumptions behind the dry run's figures (prices: `pipelines.prices`); printed with them.
 ASSUMPTIONS = {
     # One server-side rewrite of a ~1.5 MB JPEG within a location, per thread, including the
     # request's round trip (not measured: no GCS here).
@@ -274,14 +263,14 @@ def plan_copies(
 def estimate(plan: StagePlan, workers: int = DEFAULT_WORKERS) -> StageEstimate:
     """Cost and time of carrying out `plan` at PRICES, under ASSUMPTIONS."""
     list_calls = math.ceil(plan.listed / ASSUMPTIONS["objects_per_list_call"])
-    operations = (len(plan.to_copy) + list_calls + 1) * PRICES["class_a_per_1000"] / 1000
+    operations = (len(plan.to_copy) + list_calls + 1) * PRICES["gcs_class_a_per_1000"] / 1000
     by_objects = len(plan.to_copy) * ASSUMPTIONS["seconds_per_object"] / max(workers, 1)
     by_bytes = plan.copy_bytes / (ASSUMPTIONS["mb_per_second"] * 1e6)
     return StageEstimate(
         operations_usd=operations,
-        storage_usd_month=plan.bytes / _GB * PRICES["storage_gb_month"],
+        storage_usd_month=plan.bytes / _GB * PRICES["gcs_storage_gb_month"],
         transfer_usd_if_cross_location=plan.copy_bytes / _GB
-        * PRICES["transfer_gb_cross_location"],
+        * PRICES["gcs_transfer_gb_cross_location"],
         seconds=max(by_objects, by_bytes),
     )
 
@@ -301,12 +290,12 @@ def plan_text(plan: StagePlan, est: StageEstimate, stage_to: str, workers: int) 
                      "(the job records them as missing files)")
     lines += [
         f"  operations: ${est.operations_usd:,.2f} ({len(plan.to_copy):,} rewrites and the "
-        f"list calls, Class A at ${PRICES['class_a_per_1000']}/1,000)",
+        f"list calls, Class A at ${PRICES['gcs_class_a_per_1000']}/1,000)",
         f"  storage: ${est.storage_usd_month:,.2f}/month (Standard, regional bucket at "
-        f"${PRICES['storage_gb_month']}/GB-month)",
+        f"${PRICES['gcs_storage_gb_month']}/GB-month)",
         f"  transfer: $0 with both buckets in one location; "
         f"${est.transfer_usd_if_cross_location:,.2f} if they are not "
-        f"(${PRICES['transfer_gb_cross_location']}/GB within a continent)",
+        f"(${PRICES['gcs_transfer_gb_cross_location']}/GB within a continent)",
         f"  time: ~{_duration(est.seconds)} with {workers} threads (assumed "
         f"{ASSUMPTIONS['seconds_per_object']} s per rewrite per thread, at most "
         f"{ASSUMPTIONS['mb_per_second']:.0f} MB/s in all)",
@@ -324,37 +313,6 @@ def _duration(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- GCS
-_CLIENTS = threading.local()
-
-# google-cloud-storage >= 3.x fetches a bucket's metadata in a background thread, for its
-# tracing attributes, without the bucket handle's userProject: against a requester-pays bucket
-# such calls are refused (or billed to no one we chose). This switch turns the fetch off.
-NO_BUCKET_METADATA_FETCH = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
-
-
-def bill_every_call() -> None:
-    """Makes every GCS call of this process carry the caller's userProject (see above)."""
-    os.environ.setdefault(NO_BUCKET_METADATA_FETCH, "true")
-
-
-def _client(project: Optional[str]):
-    """One storage client per thread and project (clients are not documented as
-    thread-safe); it honours STORAGE_EMULATOR_HOST."""
-    from google.cloud import storage
-
-    clients = getattr(_CLIENTS, "clients", None)
-    if clients is None:
-        clients = _CLIENTS.clients = {}
-    if project not in clients:
-        clients[project] = storage.Client(project=project)
-    return clients[project]
-
-
-def _bucket(name: str, user_project: Optional[str]):
-    """A bucket handle billing `user_project` for every call made through it."""
-    return _client(user_project).bucket(name, user_project=user_project)
-
-
 def _info(blob) -> ObjectInfo:
     return ObjectInfo(int(blob.size), blob.crc32c)
 
@@ -367,7 +325,7 @@ def list_objects(
     bucket, prefix = split_gs(prefix_uri)
     found, listed = {}, 0
     try:
-        handle = _bucket(bucket, user_project)
+        handle = storage.gcs_bucket(bucket, user_project)
         for blob in handle.client.list_blobs(handle, prefix=prefix):
             listed += 1
             uri = f"gs://{bucket}/{blob.name}"
@@ -401,7 +359,6 @@ def make_plan(
     Raises:
         InputError: a root or `stage_to` is not gs://, or a table the job reads is absent.
     """
-    bill_every_call()
     split_gs(stage_to)
     image_root = (image_root or roots[schema.MIMIC_CXR]).rstrip("/")
     split_gs(image_root)
@@ -435,7 +392,7 @@ def make_plan(
 def _object_info(uri: str, user_project: Optional[str]) -> Optional[ObjectInfo]:
     bucket, name = split_gs(uri)
     try:
-        blob = _bucket(bucket, user_project).get_blob(name)
+        blob = storage.gcs_bucket(bucket, user_project).get_blob(name)
     except _storage_errors() as err:
         raise InputError(f"cannot read {uri}: {_short_error(err)}") from err
     return None if blob is None else _info(blob)
@@ -492,9 +449,9 @@ def rewrite_object(item: StageObject, user_project: Optional[str]) -> None:
 
     source_bucket, source_name = split_gs(item.source)
     dest_bucket, dest_name = split_gs(item.dest)
-    source = _bucket(source_bucket, user_project).blob(source_name)
+    source = storage.gcs_bucket(source_bucket, user_project).blob(source_name)
     # The destination's handle carries userProject: a rewrite request is billed to it.
-    dest = _bucket(dest_bucket, user_project).blob(dest_name)
+    dest = storage.gcs_bucket(dest_bucket, user_project).blob(dest_name)
     token = None
     while True:
         # Rewriting the same source into the same name is idempotent, so transient errors
@@ -518,7 +475,6 @@ def copy_objects(
     """Copies `items` with `workers` threads, logging progress every `progress_seconds`
     (counts and bytes only: object names hold patient ids). A failed copy is counted and the
     others go on; the caller decides (see `run_stage`)."""
-    bill_every_call()
     progress = _Progress(len(items), sum(i.size for i in items))
     pending = iter(items)
     take = threading.Lock()
@@ -595,10 +551,10 @@ def write_manifest(data: bytes, stage_to: str, user_project: Optional[str]) -> b
         Whether it was written.
     """
     bucket, prefix = split_gs(stage_to.rstrip("/") + "/" + MANIFEST_NAME)
-    blob = _bucket(bucket, user_project).get_blob(prefix)
+    blob = storage.gcs_bucket(bucket, user_project).get_blob(prefix)
     if blob is not None and _info(blob) == ObjectInfo(len(data), crc32c_base64(data)):
         return False
-    _bucket(bucket, user_project).blob(prefix).upload_from_string(
+    storage.gcs_bucket(bucket, user_project).blob(prefix).upload_from_string(
         data, content_type="application/json")
     return True
 

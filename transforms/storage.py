@@ -63,8 +63,15 @@ def join(base: str, *parts: str) -> str:
 
 # --- GCS clients and errors -----------------------------------------------------------------
 
+# google-cloud-storage >= 3.x fetches a bucket's metadata in a background thread, for its
+# tracing attributes, without the bucket handle's userProject: against a requester-pays bucket
+# (PhysioNet's) that call is refused, or billed to no one we chose. This switch turns it off.
+_NO_BUCKET_METADATA_FETCH = "DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA"
+
+
 def _client(user_project: Optional[str]) -> Any:
     """This thread's client for `user_project` (None: the default project)."""
+    os.environ.setdefault(_NO_BUCKET_METADATA_FETCH, "true")  # the library reads it per call
     if getattr(_THREAD, "pid", None) != os.getpid():  # a new thread, or a forked process
         _THREAD.pid, _THREAD.clients = os.getpid(), {}
     key = (user_project, os.environ.get("STORAGE_EMULATOR_HOST"))
@@ -76,14 +83,17 @@ def _client(user_project: Optional[str]) -> Any:
     return client
 
 
-def _bucket(name: str, user_project: Optional[str] = None) -> Any:
+def gcs_bucket(name: str, user_project: Optional[str] = None) -> Any:
+    """A handle on bucket `name`, on this thread's client, billing `user_project` (a
+    requester-pays bucket's reader) for every call made through it; for GCS calls this module
+    does not wrap (a server-side rewrite, a listing with checksums, a bucket's location)."""
     user_project = user_project or None  # "" bills no one, like None
     return _client(user_project).bucket(name, user_project=user_project)
 
 
 def _blob(uri: str, user_project: Optional[str] = None) -> Any:
     bucket, name = split_gcs(uri)
-    return _bucket(bucket, user_project).blob(name)
+    return gcs_bucket(bucket, user_project).blob(name)
 
 
 @contextlib.contextmanager
@@ -361,8 +371,8 @@ def copy(pairs: Iterable[tuple[str, str]]) -> None:
         with _gcs_errors(group[0][0]), _client(None).batch():
             for source, target in group:
                 (src_bucket, src_name), (dst_bucket, dst_name) = map(split_gcs, (source, target))
-                _bucket(src_bucket).copy_blob(_bucket(src_bucket).blob(src_name),
-                                              _bucket(dst_bucket), dst_name)
+                gcs_bucket(src_bucket).copy_blob(gcs_bucket(src_bucket).blob(src_name),
+                                                 gcs_bucket(dst_bucket), dst_name)
 
 
 # --- deleting --------------------------------------------------------------------------------
@@ -385,7 +395,7 @@ def _delete_objects(objects: list[tuple[str, str]]) -> None:
     with _gcs_errors(f"{GCS_PREFIX}{objects[0][0]}/{objects[0][1]}"):
         with client.batch(raise_exception=False) as batch:
             for bucket, name in objects:
-                _bucket(bucket).delete_blob(name)
+                gcs_bucket(bucket).delete_blob(name)
     # The batch keeps each call's response (the public API raises for the last failure only).
     for (bucket, name), response in zip(objects, batch._responses):
         if response.status_code not in (200, 204, 404):
