@@ -64,6 +64,8 @@ class Setting:
         recorded: recorded in metadata.json: it shapes the output.
         convert, typed: the `DatasetConfig` value made of the flag's, and its type.
         example: the value shown in dataflow_config.json.example (default: `default`).
+        placeholder: the example stands for the user's own value (a project, a bucket): a
+            config still holding it is rejected.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Setting:
     convert: Optional[Callable[[Any], Any]] = None
     typed: Any = None
     example: Any = _NO_EXAMPLE
+    placeholder: bool = False
 
     @property
     def example_value(self) -> Any:
@@ -131,11 +134,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("output_dir", str, "output", "Where train/, val/, test/, metadata.json, ... are "
             "written (local or gs://; gs:// for Dataflow).", _OUTPUT, path=PATH, key=True,
             required=True, recorded=False, convert=_no_trailing_slash,
-            example="gs://my-dataflow-bucket/mimic-multimodal/v1"),
+            example="gs://my-dataflow-bucket/mimic-multimodal/v1", placeholder=True),
     # A billing account: the dataset must not reveal it.
     Setting("requester_pays_project", str, None, "GCP project billed for reads from "
             "requester-pays buckets (PhysioNet's); unset if the inputs are in your own "
-            "bucket.", _INPUTS, key=True, recorded=False, example="my-gcp-project"),
+            "bucket.", _INPUTS, key=True, recorded=False, example="my-gcp-project",
+            placeholder=True),
+    # A launcher key (no flag): `run_dataflow.sh --stage` copies the inputs there.
+    Setting("stage_to", str, None, "gs:// folder in your bucket that `./run_dataflow.sh "
+            "--stage` copies the inputs to (the tables and the cohort's images; Dataflow's "
+            "workers cannot read PhysioNet's buckets). Once staged (STAGE_TO/_manifest.json "
+            "exists) the job reads the copy; unset: the job reads the roots above.", _INPUTS,
+            path=GCS, flag=None, key=True, in_config=False, recorded=False,
+            example="gs://my-dataflow-bucket/physionet-copy", placeholder=True),
     Setting("stratification_indices", str, None, "Reuse a saved stratification_indices.json "
             "(patient -> split; step 2 of the two-step flow).", _OUTPUT, path=PATH, key=True),
     Setting("synthetic_patients", int, 400, "Patients in the demo: with no input dirs at all, "

@@ -3,22 +3,34 @@
 `run_dataflow.sh` only calls this module:
 
     ./run_dataflow.sh [--config PATH] [--dry-run] [--local [--limit N]] [--records N]
-                      [--compute_indices_only] [extra pipeline flags...]
+                      [--compute_indices_only] [--skip-preflight] [extra pipeline flags...]
+    ./run_dataflow.sh [--config PATH] --stage [--dry-run]
 
-It validates the config (every message names the key and what is allowed), maps its keys onto
-the pipeline's flags and Dataflow's worker flags, then runs the pipeline: on the DataflowRunner
-with `--setup_file setup.py` (the workers install this project and its requirements from the
-staged sdist), or with `--local` on the DirectRunner on a `--limit` subset. `--dry-run` prints
-the command instead, with an estimate of workers, wall time, cost and worker memory computed
-from the per-record costs measured by `benchmarks/measure_costs.py`
-(`benchmarks/measured_costs.json`) and Dataflow list prices (`DATAFLOW_PRICES`).
+It validates the config (every message names the key and what is allowed; a value still
+holding the example's placeholders is named too), maps its keys onto the pipeline's flags and
+Dataflow's worker flags, then runs the pipeline: on the DataflowRunner with `--setup_file
+setup.py` (the workers install this project and its requirements from the staged sdist; with
+`sdk_container_image` the image has them already), or with `--local` on the DirectRunner on a
+`--limit` subset. Before a Dataflow submission a preflight (`pipelines.preflight`) checks
+inputs, output and temp location with the user's credentials; an error stops it (exit 2).
+`--dry-run` prints the command instead, with an estimate of workers, wall time, cost and worker
+memory computed from the per-record costs measured by `benchmarks/measure_costs.py`
+(`benchmarks/measured_costs.json`) and list prices (`pipelines.prices`); it writes nothing.
+
+Staging (PhysioNet grants its buckets to the user, not to the workers' service account):
+`--stage` copies what the job reads into `stage_to` (`pipelines.stage`; with `--dry-run` it
+prints the plan, then the command that will read the copy) and exits. Once `stage_to` holds a
+finished copy (its `_manifest.json`), every run reads the copy: the three roots and
+`cxr_image_root` point under `stage_to`, and `--requester_pays_project` is dropped (see
+`reading_staged_copy`).
 
 The keys, their defaults and checks are rows of one table: the dataset's come from
 `pipelines.config.SETTINGS` (the pipeline's flags of the same names), the job's own (project,
 region, workers, ...) are in `KEYS` here; `dataflow_config.json.example` is generated from it
 (`--write-example`). Keys starting with "_" are comments. Relative local paths in the config are
-relative to the config file. A command-line flag of a key (`--max_num_workers 16`) replaces the
-config's value before validation and the estimate; other extra flags go to the pipeline last.
+relative to the config file. A command-line flag of a key (`--max_num_workers 16`,
+`--stage_to gs://...`) replaces the config's value before validation and the estimate; other
+extra flags go to the pipeline last.
 """
 
 from __future__ import annotations
@@ -27,23 +39,30 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import preflight, stage
 from pipelines.config import (
     AS_KEY,
     BEAM,
     DIR,
     GCS,
+    INPUT_DIRS,
     SETTINGS,
+    DatasetOptions,
     Setting,
     check_ratios,
     check_value,
 )
+from pipelines.prices import PRICES
 from transforms import storage
 from transforms.errors import InputError
 
@@ -57,21 +76,6 @@ MEASURED_COSTS = REPO / "benchmarks" / "measured_costs.json"
 DEFAULT_RECORDS = 107_949
 DEFAULT_LOCAL_LIMIT = 200
 
-# Dataflow batch list prices, us-central1, USD (https://cloud.google.com/dataflow/pricing).
-# Recorded on 2026-11-22 from the published rates (also used in public cost scripts); other
-# regions cost more. List prices to check before relying on the estimate.
-DATAFLOW_PRICES = {
-    "as_of": "2026-11-22",
-    "region": "us-central1",
-    "vcpu_hour": 0.056,
-    "memory_gb_hour": 0.003557,
-    "pd_standard_gb_hour": 0.000054,
-    "shuffle_gb": 0.011,
-    # Cloud Storage operations (Standard class): a write is class A, a read class B.
-    "gcs_class_a_per_1000": 0.005,
-    "gcs_class_b_per_1000": 0.0004,
-}
-
 # Not measured here (no Dataflow access): stated with the estimate, where they can be judged.
 ASSUMPTIONS = {
     # Beam's per-element work, (de)serialisation, shuffle and GCS I/O on top of the measured
@@ -80,7 +84,7 @@ ASSUMPTIONS = {
     # Share of worker vCPU time spent on records once workers run (autoscaling ramps, stragglers).
     "utilization": 0.8,
     # VM boot plus `pip install` of the staged sdist's requirements (torch among them) on each
-    # worker; a prebuilt --sdk_container_image skips the install.
+    # worker; a prebuilt --sdk_container_image (the Dockerfile's) skips the install.
     "startup_minutes": 6.0,
     "startup_minutes_with_container": 3.0,
     # Times each record's small reference crosses a shuffle (split grouping, chunk grouping);
@@ -127,7 +131,8 @@ def _dataflow(name: str, kind: type, default: Any, help: str, *, flag: Optional[
 # None), in the same table style as the dataset's `config.SETTINGS`.
 _JOB = (
     _dataflow("project", str, None, "GCP project that runs the Dataflow job.",
-              dataflow_only=False, required=True, example="my-gcp-project", pattern=_PROJECT,
+              dataflow_only=False, required=True, example="my-gcp-project", placeholder=True,
+              pattern=_PROJECT,
               pattern_help="a GCP project id (6-30 lowercase letters, digits or '-', starting "
               "with a letter)"),
     _dataflow("region", str, "us-central1", "Dataflow region; us-central1 is next to "
@@ -135,7 +140,7 @@ _JOB = (
               pattern_help="a region such as us-central1"),
     _dataflow("bucket", str, None, "Your bucket (name or gs:// URI): temp_location and "
               "staging_location default to gs://BUCKET/dataflow/temp and .../staging.",
-              flag=None, example="my-dataflow-bucket"),
+              flag=None, example="my-dataflow-bucket", placeholder=True),
     _dataflow("temp_location", str, None, "gs:// folder for Dataflow temporary files (default "
               "from bucket).", path=GCS),
     _dataflow("staging_location", str, None, "gs:// folder where the sdist and pipeline are "
@@ -166,8 +171,8 @@ _WORKERS = (
               "sdk_container_image); unset: Dataflow default. Becomes --use_public_ips or "
               "--no_use_public_ips.", flag=None),
     _dataflow("sdk_container_image", str, None, "Prebuilt worker image with the requirements "
-              "installed (faster start; unset: Beam's image plus a pip install of the sdist's "
-              "requirements on each worker)."),
+              "and this project installed (the Dockerfile; faster start, no --setup_file); "
+              "unset: Beam's image plus a pip install of the sdist on each worker."),
     _dataflow("number_of_worker_harness_threads", int, None, "Caps concurrent work items per "
               "worker, hence records in flight (unset: Dataflow's default, one per vCPU for "
               "batch).", minimum=1),
@@ -182,9 +187,18 @@ _EXTRA_FLAGS = _dataflow(
 # Every key of dataflow_config.json, in the example's order.
 KEYS: tuple[Setting, ...] = (*_JOB, *(s for s in SETTINGS if s.key), *_WORKERS, _EXTRA_FLAGS)
 KEYS_BY_NAME = {key.name: key for key in KEYS}
-# Keys that are `--NAME VALUE` flags of the pipeline or of Beam: a command-line override of the
-# same flag replaces the config's value before validation.
+# Keys that are `--NAME VALUE` flags of the pipeline or of Beam.
 FLAG_KEYS = tuple(key for key in KEYS if key.flag is not None)
+# Keys a command-line `--NAME VALUE` sets, replacing the config's value before validation: the
+# flags, and the launcher's own single values (`--stage_to gs://...`, `--bucket NAME`).
+OVERRIDE_KEYS = tuple(key for key in KEYS if key.flag is not None or key.kind is str)
+# The example's stand-ins for the user's own values (a project id, a bucket name), as a word
+# anywhere in a value: a config still naming one was copied and not edited.
+PLACEHOLDERS = tuple(sorted({
+    key.example[len("gs://"):].split("/")[0] if storage.is_gcs(key.example) else key.example
+    for key in KEYS if key.placeholder}))
+_PLACEHOLDER = re.compile(
+    r"(?<![\w-])(?:" + "|".join(map(re.escape, PLACEHOLDERS)) + r")(?![\w-])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +328,7 @@ def validate(raw: Any, source: str = "dataflow_config.json", *, dataflow: bool =
         raise _error(source, "the config must be a JSON object of key: value")
     base = base or Path.cwd()
     values = _check_types(raw, source)
+    _check_placeholders(values, source)
     try:
         for key in KEYS:
             check_value(key, values[key.name], AS_KEY)
@@ -351,6 +366,21 @@ def validate(raw: Any, source: str = "dataflow_config.json", *, dataflow: bool =
     return DataflowConfig(source, values)
 
 
+def _check_placeholders(values: dict[str, Any], source: str) -> None:
+    """Every key still holding the example's placeholders, named in one line.
+
+    Raises:
+        ConfigError: naming each such key and its value.
+    """
+    named = [f"'{name}' ({value if isinstance(value, str) else json.dumps(value)})"
+             for name, value in values.items()
+             if any(isinstance(v, str) and _PLACEHOLDER.search(v)
+                    for v in (value if isinstance(value, list) else [value]))]
+    if named:
+        raise _error(source, f"{', '.join(named)} still hold the example's placeholders "
+                     f"({', '.join(PLACEHOLDERS)}): put your own project and bucket there")
+
+
 def _check_pipeline_flags(flags: Sequence[str], context: str = "") -> None:
     """Flags passed through to the pipeline must be ones it knows (see `pipelines.cli`):
     a mistyped one stops here, before anything is submitted.
@@ -385,7 +415,7 @@ def split_overrides(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
         ConfigError: a value of the wrong type, naming the flag.
     """
     parser = _OverrideParser(allow_abbrev=False, add_help=False)
-    for key in FLAG_KEYS:
+    for key in OVERRIDE_KEYS:
         parser.add_argument(f"--{key.name}", type=key.kind, default=None)
     parsed, rest = parser.parse_known_args(list(args))
     overrides = {name: value for name, value in vars(parsed).items() if value is not None}
@@ -414,11 +444,14 @@ def load(path: str | os.PathLike, *, dataflow: bool = True,
 
 
 _README = [
-    "Copy this file to dataflow_config.json and edit the values; keys starting with '_' are "
-    "comments. Then: ./run_dataflow.sh --dry-run (prints the command and an estimate), "
-    "./run_dataflow.sh --local --limit 200 (a quick local run of the same config), "
-    "./run_dataflow.sh (submits the job). null means 'not set' (the default applies). A "
-    "key's flag on the command line (e.g. --max_num_workers 16) replaces its value here.",
+    "Copy this file to dataflow_config.json and edit the values (my-gcp-project and "
+    "my-dataflow-bucket are placeholders: a config still holding them is rejected); keys "
+    "starting with '_' are comments. Then: ./run_dataflow.sh --stage --dry-run (the plan of "
+    "the copy of the inputs into stage_to, then the job's command and an estimate), "
+    "./run_dataflow.sh --stage (copies them), ./run_dataflow.sh --local --limit 200 (a quick "
+    "local run of the same config), ./run_dataflow.sh (checks, then submits the job, reading "
+    "the copy). null means 'not set' (the default applies). A key's flag on the command line "
+    "(e.g. --max_num_workers 16) replaces its value here.",
     "PhysioNet bucket names: check each project's PhysioNet page (Files, Google Cloud "
     "Storage); access needs a credentialed PhysioNet account linked to your Google account.",
     "Generated from the settings table (pipelines/config.py, pipelines/dataflow_config.py): "
@@ -453,7 +486,8 @@ def pipeline_command(cfg: DataflowConfig, *, local: bool = False,
     """The `python -m pipelines.build_dataset ...` argv that the config stands for.
 
     Dataflow: `--runner DataflowRunner --setup_file <repo>/setup.py --no_save_main_session`
-    plus every worker flag.
+    plus every worker flag; with `sdk_container_image` no `--setup_file` (the image holds this
+    project and its requirements, so workers install nothing).
     Local: `--runner DirectRunner --limit N` and the dataset flags only.
     """
     command = [python, "-m", "pipelines.build_dataset"]
@@ -463,8 +497,10 @@ def pipeline_command(cfg: DataflowConfig, *, local: bool = False,
     else:
         # Beam saves __main__ by default on Dataflow with cloudpickle; the code is in the
         # installed package, so nothing from __main__ needs to reach the workers.
-        command += ["--runner", "DataflowRunner", "--setup_file", str(SETUP_FILE),
-                    "--no_save_main_session", *_flag_args(cfg, dataflow=True)]
+        command += ["--runner", "DataflowRunner"]
+        if cfg["sdk_container_image"] is None:
+            command += ["--setup_file", str(SETUP_FILE)]
+        command += ["--no_save_main_session", *_flag_args(cfg, dataflow=True)]
         if cfg["use_public_ips"] is not None:
             command.append("--use_public_ips" if cfg["use_public_ips"] else "--no_use_public_ips")
         command += [f"--experiments={name}" for name in cfg["experiments"]]
@@ -545,7 +581,7 @@ def load_costs(path: str | os.PathLike = MEASURED_COSTS) -> dict:
 def estimate(cfg: DataflowConfig, costs: dict, records: int = DEFAULT_RECORDS) -> Estimate:
     """Workers, wall time, cost and worker memory of a Dataflow run over `records` records."""
     machine = cfg.machine
-    a, prices = ASSUMPTIONS, DATAFLOW_PRICES
+    a, prices = ASSUMPTIONS, PRICES
     per_record = (costs["image_seconds"] + costs["text_seconds"]
                   + costs["encode_seconds"]) * a["overhead_factor"]
     vcpu_hours = records * per_record / 3600
@@ -583,7 +619,7 @@ def _usd(value: float) -> str:
 
 
 def format_estimate(est: Estimate, costs: dict, costs_path: str | os.PathLike) -> str:
-    a, p = ASSUMPTIONS, DATAFLOW_PRICES
+    a, p = ASSUMPTIONS, PRICES
     m = est.machine
     ms = {k: costs[k] * 1000 for k in ("image_seconds", "text_seconds", "encode_seconds")}
     lines = [
@@ -620,6 +656,89 @@ def format_estimate(est: Estimate, costs: dict, costs_path: str | os.PathLike) -
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- staging, preflight
+def _roots(cfg: DataflowConfig) -> dict[str, str]:
+    return {name: cfg[name] for name in INPUT_DIRS}
+
+
+def job_views(cfg: DataflowConfig, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The frontal views the job keeps: its `--views` (from `extra_flags` or the command line,
+    else the default), which the staged copy and the preflight's image sample follow."""
+    flags = PipelineOptions([*cfg["extra_flags"], *extra]).view_as(DatasetOptions)
+    return tuple(v.strip().upper() for v in flags.views.split(",") if v.strip())
+
+
+def is_staged(cfg: DataflowConfig) -> bool:
+    """Whether `stage_to` holds a finished copy: its manifest, written last, exists.
+
+    Raises:
+        ConfigError: the manifest cannot be looked up (credentials, access).
+    """
+    from google.auth.exceptions import GoogleAuthError
+
+    manifest = storage.join(cfg["stage_to"], stage.MANIFEST_NAME)
+    try:
+        return storage.exists(manifest)
+    except (OSError, GoogleAuthError) as err:
+        raise _error(cfg.source, f"cannot look up {manifest} ('stage_to'): {err}") from None
+
+
+def reading_staged_copy(cfg: DataflowConfig) -> DataflowConfig:
+    """`cfg` pointed at its staged copy: the three roots and `cxr_image_root` under
+    `stage_to` (`stage.staged_roots`), and no `requester_pays_project`. The copy is in the
+    user's own bucket, and a call that names a billing project needs the caller (the workers'
+    service account) to hold serviceusage.services.use on it, which it need not have."""
+    staged = stage.staged_roots(_roots(cfg), cfg["stage_to"], cfg["cxr_image_root"])
+    return DataflowConfig(cfg.source, {**cfg.values, **staged, "requester_pays_project": None})
+
+
+def job_config(cfg: DataflowConfig, out: Callable[[str], None] = print) -> DataflowConfig:
+    """The config the job runs with: `cfg`, or its staged copy once `stage_to` holds one
+    (saying so through `out`)."""
+    if cfg["stage_to"] is None or not is_staged(cfg):
+        return cfg
+    out(f"reading the staged copy: {cfg['stage_to']} holds {stage.MANIFEST_NAME}, so the "
+        "three roots and cxr_image_root point under it (no --requester_pays_project)")
+    return reading_staged_copy(cfg)
+
+
+def run_stage(cfg: DataflowConfig, views: Sequence[str], *, dry_run: bool) -> None:
+    """`--stage`: copies what the job reads into `stage_to` (or, with `dry_run`, prints the
+    plan), billed to `requester_pays_project`.
+
+    Raises:
+        ConfigError: `stage_to` is not set.
+        InputError: from `stage.run_stage` (no requester_pays_project, a table absent, ...).
+        stage.StageError: some copies failed.
+    """
+    if cfg["stage_to"] is None:
+        raise _error(cfg.source, "--stage needs 'stage_to', a gs:// folder in your bucket "
+                     "(in the config, or --stage_to gs://BUCKET/physionet-copy)")
+    stage.run_stage(_roots(cfg), cfg["stage_to"], cfg["requester_pays_project"],
+                    image_root=cfg["cxr_image_root"], views=views, dry_run=dry_run)
+
+
+def check_before_submission(job: DataflowConfig, views: Sequence[str],
+                            out: Callable[[str], None] = print) -> None:
+    """The preflight (`preflight.run_preflight`) of the job as it will run; prints each
+    finding through `out`.
+
+    Raises:
+        ConfigError: an error among the findings (nothing may be submitted).
+    """
+    findings = preflight.run_preflight(
+        roots=_roots(job), output_dir=job["output_dir"], temp_location=job["temp_location"],
+        region=job["region"], image_root=job["cxr_image_root"], views=views,
+        user_project=job["requester_pays_project"])
+    for finding in findings:
+        out(f"preflight: {finding}")
+    if preflight.has_errors(findings):
+        errors = sum(f.level == preflight.ERROR for f in findings)
+        raise _error(job.source, f"the preflight found {errors} error(s) (above); nothing was "
+                     "submitted (--skip-preflight submits anyway)")
+    out("preflight: inputs, output_dir and temp_location checked")
+
+
 # ----------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -630,7 +749,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="The config file (default: dataflow_config.json in the repo).")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="Print the command and the estimate; submit nothing.")
+                        help="Print the command and the estimate (with --stage: the plan "
+                        "first); submit, copy and write nothing.")
+    parser.add_argument("--stage", action="store_true",
+                        help="Copy what the job reads from PhysioNet's buckets into stage_to "
+                        "and exit; later runs read the copy.")
+    parser.add_argument("--skip-preflight", "--skip_preflight", dest="skip_preflight",
+                        action="store_true", help="Submit without the preflight checks of "
+                        "inputs, output and temp location.")
     parser.add_argument("--local", action="store_true",
                         help="Run the same config on the DirectRunner on a --limit subset.")
     parser.add_argument("--limit", type=int, default=None,
@@ -657,7 +783,14 @@ def _parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list
         parser.error(f"--limit must be >= 0, got {args.limit}")
     if args.records <= 0:
         parser.error(f"--records must be > 0, got {args.records}")
+    if args.stage and args.local:
+        parser.error("--stage copies the inputs for Dataflow's workers; it does not go with "
+                     "--local")
     return args, extra
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -670,21 +803,40 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         overrides, extra = split_overrides(extra)
         _check_pipeline_flags(extra)
         cfg = load(args.config, dataflow=not args.local, overrides=overrides)
+        if args.dry_run:
+            print(f"Config: {args.config} (valid)")
+        views = job_views(cfg, extra)
+        if args.stage:
+            if not args.dry_run:
+                logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+            run_stage(cfg, views, dry_run=args.dry_run)
+            if not args.dry_run:
+                print("./run_dataflow.sh (without --stage) now submits the job, reading the "
+                      "staged copy")
+                return
+            print("Once staged, ./run_dataflow.sh submits the job reading the copy:")
+            job = reading_staged_copy(cfg)
+        else:
+            job = job_config(cfg, out=_note)
         command = pipeline_command(
-            cfg, local=args.local,
+            job, local=args.local,
             limit=DEFAULT_LOCAL_LIMIT if args.limit is None else args.limit,
             compute_indices_only=args.compute_indices_only, extra=extra)
         if args.dry_run:
-            print(f"Config: {args.config} (valid)")
             print("Command:")
             print(format_command(command))
             if not args.local:
                 costs = load_costs(args.costs)
-                print(format_estimate(estimate(cfg, costs, args.records), costs, args.costs))
+                print(format_estimate(estimate(job, costs, args.records), costs, args.costs))
             return
+        if not args.local and not args.skip_preflight:
+            check_before_submission(job, views, out=_note)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except stage.StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     print("running:\n" + format_command(command), file=sys.stderr, flush=True)
     os.execve(command[0], command, command_environment())
 

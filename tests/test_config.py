@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import build_dataset, config
 from pipelines import dataflow_config as dc
 from pipelines.config import SETTINGS, DatasetConfig, DatasetOptions, config_from_options
+from tests.test_dataflow import edited_example
 from transforms.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ _BOUNDED_KEYS = [k for k in dc.KEYS if k.minimum is not None or k.maximum is not
 @pytest.mark.parametrize("key", _BOUNDED_KEYS, ids=lambda k: k.name)
 def test_a_key_out_of_range_is_one_line_naming_the_key(key: config.Setting) -> None:
     bad = _bad_value(key)
-    raw = {**json.loads(EXAMPLE.read_text()), key.name: bad}
+    raw = {**edited_example(), key.name: bad}
     with pytest.raises(dc.ConfigError) as err:
         dc.validate(raw, "cfg.json")
     assert str(err.value).startswith(f"cfg.json: '{key.name}' must be ")
@@ -125,7 +126,7 @@ def test_dataset_keys_share_the_flags_defaults() -> None:
     for key in dc.KEYS:
         if key.flag == config.PIPELINE:
             assert key is config.SETTINGS_BY_NAME[key.name]
-    cfg = dc.validate({k: v for k, v in json.loads(EXAMPLE.read_text()).items()
+    cfg = dc.validate({k: v for k, v in edited_example().items()
                        if k in ("project", "bucket", "mimic_iv_dir", "mimic_ed_dir",
                                 "mimic_cxr_dir", "output_dir")})
     flags = PipelineOptions([]).view_as(DatasetOptions)
@@ -135,7 +136,7 @@ def test_dataset_keys_share_the_flags_defaults() -> None:
 
 
 def test_every_key_becomes_the_flag_of_the_same_meaning() -> None:
-    raw = {**json.loads(EXAMPLE.read_text()),
+    raw = {**edited_example(),
            "cxr_image_root": "gs://images/root", "stratification_indices": "gs://bkt/s.json",
            "embedding_model": "gs://bkt/model", "service_account_email": "a@p.iam.example.com",
            "network": "net", "subnetwork": "regions/r/subnetworks/s", "use_public_ips": False,
@@ -151,10 +152,10 @@ def test_every_key_becomes_the_flag_of_the_same_meaning() -> None:
     # The keys mapped specially.
     assert parsed["use_public_ips"] is False
     assert parsed["experiments"] == ["no_use_multiple_sdk_containers"]
-    assert parsed["temp_location"] == "gs://my-dataflow-bucket/dataflow/temp"
+    assert parsed["temp_location"] == "gs://mimic-lab-data/dataflow/temp"
     assert parsed["aggressive_filtering"] is True
     assert {k.name for k in dc.KEYS if k.flag is None} == {
-        "bucket", "use_public_ips", "experiments", "extra_flags"}
+        "bucket", "stage_to", "use_public_ips", "experiments", "extra_flags"}
 
 
 def _script(*args: str) -> subprocess.CompletedProcess:
@@ -165,7 +166,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 
 def _config(tmp_path: Path, **changes: Any) -> Path:
     path = tmp_path / "dataflow_config.json"
-    path.write_text(json.dumps({**json.loads(EXAMPLE.read_text()), **changes}))
+    path.write_text(json.dumps({**edited_example(), **changes}))
     return path
 
 

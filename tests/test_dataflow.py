@@ -30,8 +30,10 @@ from apache_beam.options.pipeline_options import (
 
 from pipelines import dataflow_config as dc
 from pipelines.config import DatasetOptions
+from pipelines.prices import PRICES
 
 REPO = Path(__file__).resolve().parents[1]
+PROJECT, BUCKET = "mimic-lab", "mimic-lab-data"  # a user's own, for the example's placeholders
 SCRIPT = REPO / "run_dataflow.sh"
 EXAMPLE = REPO / "dataflow_config.json.example"
 REQUIREMENTS = [
@@ -43,8 +45,13 @@ STAGES = ("ReadTables", "JoinCohort", "BuildNotes", "PreprocessImages", "SpillSa
           "WriteChunks", "WriteMetadata")
 
 
-def _example() -> dict:
-    return json.loads(EXAMPLE.read_text())
+def edited_example() -> dict:
+    """The example as a user edits it: their own project and bucket for the placeholders,
+    nothing staged (`stage_to` unset: no GCS lookup)."""
+    text = EXAMPLE.read_text()
+    for placeholder, own in (("my-gcp-project", PROJECT), ("my-dataflow-bucket", BUCKET)):
+        text = text.replace(placeholder, own)
+    return {**json.loads(text), "stage_to": None}
 
 
 def _script(*args: str, env: dict | None = None, timeout: float = 120
@@ -55,7 +62,7 @@ def _script(*args: str, env: dict | None = None, timeout: float = 120
 
 
 def _write_config(path: Path, **changes) -> Path:
-    config = _example()
+    config = edited_example()
     for key, value in changes.items():
         if value is _DELETE:
             config.pop(key)
@@ -70,15 +77,46 @@ _DELETE = object()
 
 # ----------------------------------------------------------------------------- validation
 def test_example_is_valid_json_that_documents_every_key() -> None:
-    raw = _example()
-    cfg = dc.validate(raw, "dataflow_config.json.example")
+    raw = json.loads(EXAMPLE.read_text())
     for key in dc.KEYS:
         assert key.name in raw, f"the example lacks '{key.name}'"
         assert raw[f"_{key.name}"].strip(), f"the example does not document '{key.name}'"
     documented = {k for k in raw if not k.startswith("_")}
     assert documented == set(dc.KEYS_BY_NAME)
-    assert cfg["temp_location"] == "gs://my-dataflow-bucket/dataflow/temp"
-    assert cfg["staging_location"] == "gs://my-dataflow-bucket/dataflow/staging"
+    cfg = dc.validate(edited_example(), "dataflow_config.json")
+    assert cfg["temp_location"] == f"gs://{BUCKET}/dataflow/temp"
+    assert cfg["staging_location"] == f"gs://{BUCKET}/dataflow/staging"
+
+
+def test_the_examples_placeholders_are_named_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(dc.ConfigError) as err:
+        dc.validate(json.loads(EXAMPLE.read_text()), "dataflow_config.json")
+    assert str(err.value) == (
+        "dataflow_config.json: 'project' (my-gcp-project), 'bucket' (my-dataflow-bucket), "
+        "'output_dir' (gs://my-dataflow-bucket/mimic-multimodal/v1), 'requester_pays_project' "
+        "(my-gcp-project), 'stage_to' (gs://my-dataflow-bucket/physionet-copy) still hold the "
+        "example's placeholders (my-dataflow-bucket, my-gcp-project): put your own project and "
+        "bucket there")
+    # One left anywhere (a service account of the placeholder project, a list) is named too;
+    # a name that merely contains one is not a placeholder.
+    for key, value, shown in (
+            ("service_account_email", "runner@my-gcp-project.iam.gserviceaccount.com",
+             "runner@my-gcp-project.iam.gserviceaccount.com"),
+            ("extra_flags", ["--embedding_model", "gs://my-dataflow-bucket/m"],
+             '["--embedding_model", "gs://my-dataflow-bucket/m"]')):
+        with pytest.raises(dc.ConfigError, match="placeholders") as err:
+            dc.validate({**edited_example(), key: value})
+        assert f"'{key}' ({shown}) still hold" in str(err.value)
+    dc.validate({**edited_example(), "bucket": "not-my-dataflow-bucket-2"})
+
+    # The script stops with exit 2, whatever it was asked to do, before any work.
+    config = tmp_path / "dataflow_config.json"
+    config.write_text(EXAMPLE.read_text())
+    for args in (["--dry-run"], ["--stage", "--dry-run"], ["--stage"], ["--local"], []):
+        done = _script("--config", str(config), *args)
+        assert done.returncode == 2 and done.stdout == "", args
+        assert done.stderr.startswith(f"error: {config}: 'project' (my-gcp-project), ")
+        assert done.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -116,7 +154,7 @@ def test_example_is_valid_json_that_documents_every_key() -> None:
     ],
 )
 def test_bad_config_names_the_key_and_what_is_allowed(changes: dict, message: str) -> None:
-    raw = _example()
+    raw = edited_example()
     for key, value in changes.items():
         if value is _DELETE:
             raw.pop(key)
@@ -190,9 +228,9 @@ def test_dry_run_prints_the_exact_dataflow_command_and_an_estimate(tmp_path: Pat
     config = _write_config(
         tmp_path / "dataflow_config.json", number_of_worker_harness_threads=2,
         experiments=["no_use_multiple_sdk_containers"], use_public_ips=False,
-        service_account_email="runner@my-gcp-project.iam.gserviceaccount.com",
+        service_account_email="runner@mimic-lab.iam.gserviceaccount.com",
         subnetwork="regions/us-central1/subnetworks/private",
-        embedding_model="gs://my-dataflow-bucket/models/all-MiniLM-L6-v2",
+        embedding_model="gs://mimic-lab-data/models/all-MiniLM-L6-v2",
         extra_flags=["--aggressive_filtering"])
     result = _script("--config", str(config), "--dry-run", "--views", "AP")
     assert result.returncode == 0, result.stderr
@@ -202,7 +240,7 @@ def test_dry_run_prints_the_exact_dataflow_command_and_an_estimate(tmp_path: Pat
     assert command[:3] == [sys.executable, "-m", "pipelines.build_dataset"]
     text = " ".join(command)
     for expected in ("--runner DataflowRunner", f"--setup_file {REPO}/setup.py",
-                     "--requester_pays_project my-gcp-project", "--project my-gcp-project",
+                     "--requester_pays_project mimic-lab", "--project mimic-lab",
                      "--region us-central1", "--machine_type n1-standard-4",
                      "--experiments=no_use_multiple_sdk_containers", "--no_use_public_ips"):
         assert expected in text
@@ -215,10 +253,10 @@ def test_dry_run_prints_the_exact_dataflow_command_and_an_estimate(tmp_path: Pat
     assert options.view_as(SetupOptions).setup_file == str(REPO / "setup.py")
     assert options.view_as(SetupOptions).save_main_session is False
     assert (gcp.project, gcp.region, gcp.job_name) == (
-        "my-gcp-project", "us-central1", "mimic-multimodal-dataset")
-    assert gcp.temp_location == "gs://my-dataflow-bucket/dataflow/temp"
-    assert gcp.staging_location == "gs://my-dataflow-bucket/dataflow/staging"
-    assert gcp.service_account_email == "runner@my-gcp-project.iam.gserviceaccount.com"
+        "mimic-lab", "us-central1", "mimic-multimodal-dataset")
+    assert gcp.temp_location == "gs://mimic-lab-data/dataflow/temp"
+    assert gcp.staging_location == "gs://mimic-lab-data/dataflow/staging"
+    assert gcp.service_account_email == "runner@mimic-lab.iam.gserviceaccount.com"
     assert (workers.machine_type, workers.num_workers, workers.max_num_workers,
             workers.disk_size_gb) == ("n1-standard-4", 2, 8, 50)
     assert workers.use_public_ips is False
@@ -226,11 +264,11 @@ def test_dry_run_prints_the_exact_dataflow_command_and_an_estimate(tmp_path: Pat
     assert options.view_as(DebugOptions).number_of_worker_harness_threads == 2
     assert (data.mimic_cxr_dir, data.output_dir, data.requester_pays_project) == (
         "gs://mimic-cxr-jpg-2.1.0.physionet.org",
-        "gs://my-dataflow-bucket/mimic-multimodal/v1", "my-gcp-project")
+        "gs://mimic-lab-data/mimic-multimodal/v1", "mimic-lab")
     assert (data.image_size, data.max_text_length, data.chunk_size, data.seed) == (
         518, 8192, 50, 42)
     assert (data.train_ratio, data.val_ratio, data.test_ratio) == (0.7, 0.15, 0.15)
-    assert data.embedding_model == "gs://my-dataflow-bucket/models/all-MiniLM-L6-v2"
+    assert data.embedding_model == "gs://mimic-lab-data/models/all-MiniLM-L6-v2"
     assert data.aggressive_filtering and data.views == "AP"
 
     estimate = result.stdout.split("\nEstimate for", 1)[1]
@@ -246,7 +284,7 @@ def test_two_step_flow_and_local_mode(tmp_path: Path) -> None:
     step1 = _script("--config", str(config), "--dry-run", "--compute_indices_only")
     assert step1.returncode == 0, step1.stderr
     assert _printed_command(step1.stdout)[-1] == "--compute_indices_only"
-    indices = "gs://my-dataflow-bucket/mimic-multimodal/v1/stratification_indices.json"
+    indices = "gs://mimic-lab-data/mimic-multimodal/v1/stratification_indices.json"
     step2 = _script("--config", str(_write_config(tmp_path / "step2.json",
                                                   stratification_indices=indices)), "--dry-run")
     assert f"--stratification_indices {indices}" in " ".join(_printed_command(step2.stdout))
@@ -274,9 +312,9 @@ def _costs() -> dict:
 
 
 def test_estimate_follows_records_workers_and_prices() -> None:
-    cfg = dc.validate(_example())
+    cfg = dc.validate(edited_example())
     base = dc.estimate(cfg, _costs(), records=100_000)
-    a, p = dc.ASSUMPTIONS, dc.DATAFLOW_PRICES
+    a, p = dc.ASSUMPTIONS, PRICES
     assert base.vcpu_hours == pytest.approx(100_000 * 0.05 * a["overhead_factor"] / 3600)
     assert base.processing_minutes == pytest.approx(
         base.vcpu_hours / (8 * 4 * a["utilization"]) * 60)
@@ -290,15 +328,15 @@ def test_estimate_follows_records_workers_and_prices() -> None:
         + a["gcs_reads_per_record"] * p["gcs_class_b_per_1000"]) / 1000)
     assert dc.estimate(cfg, _costs(), records=200_000).vcpu_hours == pytest.approx(
         2 * base.vcpu_hours)
-    wider = dc.validate({**_example(), "max_num_workers": 16})
+    wider = dc.validate({**edited_example(), "max_num_workers": 16})
     assert dc.estimate(wider, _costs(), 100_000).processing_minutes == pytest.approx(
         base.processing_minutes / 2)
     # Memory: 4 SDK processes of 1 GiB by default, one with no_use_multiple_sdk_containers.
     assert base.sdk_processes == 4 and base.memory_needed_gb == pytest.approx(
         1 + 4 + 4 * (2 * 2**20 + 50 * 250_000) / 2**30)
-    single = dc.validate({**_example(), "experiments": ["no_use_multiple_sdk_containers"]})
+    single = dc.validate({**edited_example(), "experiments": ["no_use_multiple_sdk_containers"]})
     assert dc.estimate(single, _costs(), 100_000).sdk_processes == 1
-    small = dc.validate({**_example(), "machine_type": "n1-highcpu-4"})
+    small = dc.validate({**edited_example(), "machine_type": "n1-highcpu-4"})
     text = dc.format_estimate(dc.estimate(small, _costs(), 100_000), _costs(), "costs.json")
     assert "WARNING:     less than 20% memory headroom" in text
 
