@@ -793,6 +793,15 @@ def _note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _note_unstaged(job: DataflowConfig) -> None:
+    """Warns a dry run of what the preflight would stop: inputs on PhysioNet's buckets."""
+    physionet = preflight.physionet_buckets([*_roots(job).values(), job["cxr_image_root"] or ""])
+    if physionet:
+        _note(f"note: the job reads PhysioNet's buckets ({', '.join(physionet)}), which "
+              "Dataflow's workers cannot read: copy them first with ./run_dataflow.sh --stage "
+              "(config key stage_to); until then the preflight stops a submission")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args, extra = _parse_args(argv)
     if args.write_example:
@@ -823,6 +832,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             limit=DEFAULT_LOCAL_LIMIT if args.limit is None else args.limit,
             compute_indices_only=args.compute_indices_only, extra=extra)
         if args.dry_run:
+            if not args.local and not args.stage:
+                _note_unstaged(job)
             print("Command:")
             print(format_command(command))
             if not args.local:

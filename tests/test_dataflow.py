@@ -279,6 +279,22 @@ def test_dry_run_prints_the_exact_dataflow_command_and_an_estimate(tmp_path: Pat
         assert line in estimate
 
 
+def test_a_worker_image_replaces_the_setup_file_and_shortens_start_up(tmp_path: Path) -> None:
+    image = "us-central1-docker.pkg.dev/mimic-lab/mimic/worker:1"
+    plain = _script("--config", str(_write_config(tmp_path / "plain.json")), "--dry-run")
+    imaged = _script("--config", str(_write_config(tmp_path / "image.json",
+                                                   sdk_container_image=image)), "--dry-run")
+    assert plain.returncode == 0 and imaged.returncode == 0, imaged.stderr
+    command = _printed_command(imaged.stdout)
+    # The image holds this project and its requirements: nothing to build, stage or install.
+    assert "--setup_file" not in command
+    assert command[command.index("--sdk_container_image") + 1] == image
+    assert f"--setup_file {REPO}/setup.py" in " ".join(_printed_command(plain.stdout))
+    assert PipelineOptions(command[3:]).view_as(SetupOptions).setup_file is None
+    assert "processing + 6 min worker start-up" in plain.stdout
+    assert "processing + 3 min worker start-up" in imaged.stdout
+
+
 def test_two_step_flow_and_local_mode(tmp_path: Path) -> None:
     config = _write_config(tmp_path / "dataflow_config.json")
     step1 = _script("--config", str(config), "--dry-run", "--compute_indices_only")
@@ -526,6 +542,9 @@ def test_dataflow_job_graph_and_staged_sdist_built_offline(gcs_emulator: str, gs
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     print(f"template build: {elapsed:.1f} s")
+    # The preflight ran first, with nothing to report.
+    assert "preflight: inputs, output_dir and temp_location checked" in result.stderr
+    assert "preflight: error" not in result.stderr
 
     job = json.loads(_blob(template).download_as_bytes())
     assert job["type"] == "JOB_TYPE_BATCH"
@@ -560,6 +579,29 @@ def test_dataflow_job_graph_and_staged_sdist_built_offline(gcs_emulator: str, gs
     assert {"pipelines/build_dataset.py", "transforms/knowledge/knowledge_base.jsonl",
             "transforms/chunks/format.py", "requirements_dataflow.txt"} <= members
     assert _sdist_requires(archive) == REQUIREMENTS
+
+
+def test_preflight_errors_stop_the_submission(gcs_emulator: str, gs_dataset, tmp_path: Path
+                                              ) -> None:
+    """Unwritable output and a wrong image root: named, and nothing is built or submitted."""
+    config = _write_config(
+        tmp_path / "dataflow_config.json", project="test-project", bucket=gcs_emulator,
+        mimic_iv_dir=gs_dataset.mimic_iv_dir, mimic_ed_dir=gs_dataset.mimic_ed_dir,
+        mimic_cxr_dir=gs_dataset.mimic_cxr_dir, requester_pays_project="test-project",
+        cxr_image_root=f"{gcs_emulator}/dataflow-test/no-images",
+        output_dir="gs://no-such-bucket-here/out")
+    template = f"{gcs_emulator}/dataflow-test/templates/stopped.json"
+    done = _script("--config", str(config), "--template_location", template)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert lines[-1] == (f"error: {config}: the preflight found 2 error(s) (above); nothing "
+                         "was submitted (--skip-preflight submits anyway)")
+    errors = [line for line in lines if line.startswith("preflight: error: ")]
+    assert len(errors) == 2 and "dataflow-test/no-images" in errors[0]
+    assert errors[1].startswith("preflight: error: output_dir gs://no-such-bucket-here/out is "
+                                "not writable: NotFound")
+    assert "running:" not in done.stderr and not _gs_names(f"{gcs_emulator}/dataflow-test/"
+                                                           "templates/stopped")
 
 
 def _walk(value, key=None):

@@ -326,3 +326,77 @@ def test_bad_arguments_stop_before_any_call(kwargs, message):
     args = {"roots": {}, "stage_to": "gs://mine/copy", "user_project": BILLING, **kwargs}
     with pytest.raises(InputError, match=message):
         stage.run_stage(**args)
+
+
+# ----------------------------------------------------------------------------- the launcher
+def test_the_launcher_stages_then_submits_reading_the_copy(source_dataset, proxy, tmp_path,
+                                                           capsys):
+    from pipelines import dataflow_config as dc
+    from tests.test_dataflow import edited_example
+
+    data = source_dataset
+    stage_to = f"gs://{DEST_BUCKET}/launcher-copy"
+    config = tmp_path / "dataflow_config.json"
+    config.write_text(json.dumps({
+        **edited_example(), "project": "test-project", "bucket": DEST_BUCKET,
+        **_roots(data), "output_dir": f"gs://{DEST_BUCKET}/launcher-out",
+        "requester_pays_project": BILLING, "stage_to": stage_to}))
+    staged = stage.staged_roots(_roots(data), stage_to)
+    assert set(staged) == {"mimic_iv_dir", "mimic_ed_dir", "mimic_cxr_dir", "cxr_image_root"}
+
+    # Not staged yet: the job would read PhysioNet's bucket, and the dry run says so.
+    dc.main(["--config", str(config), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert f"--mimic_cxr_dir {data.mimic_cxr_dir}" in out
+    assert f"--requester_pays_project {BILLING}" in out
+    assert f"note: the job reads PhysioNet's buckets ({SOURCE_BUCKET})" in err
+
+    # --stage --dry-run: the plan, then the command that reads the copy, and an estimate that
+    # follows the command line's override. Nothing is copied.
+    dc.main(["--config", str(config), "--stage", "--dry-run", "--max_num_workers", "16"])
+    out = capsys.readouterr().out
+    assert out.index(f"stage plan for {stage_to}:") < out.index("Command:") < out.index(
+        "Estimate for")
+    assert "cohort images absent from the source: 1" in out
+    for key, root in staged.items():
+        assert f"--{key} {root}" in out
+    assert "--requester_pays_project" not in out and "workers:     16 x" in out
+    assert _listing(stage_to) == {}
+
+    # --stage copies and exits; the next run reads the copy and says so in one line.
+    dc.main(["--config", str(config), "--stage", "--views", "AP,PA"])
+    out = capsys.readouterr().out
+    assert f"{stage_to}/{stage.MANIFEST_NAME}" in _listing(stage_to)
+    assert out.splitlines()[-1] == ("./run_dataflow.sh (without --stage) now submits the job, "
+                                    "reading the staged copy")
+    dc.main(["--config", str(config), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert err == (f"reading the staged copy: {stage_to} holds {stage.MANIFEST_NAME}, so the "
+                   "three roots and cxr_image_root point under it (no --requester_pays_project)"
+                   "\n")
+    for key, root in staged.items():
+        assert f"--{key} {root}" in out
+    assert "--requester_pays_project" not in out and f"gs://{SOURCE_BUCKET}" not in out
+
+    # The preflight of that job finds the copy complete, and its reads bill no one.
+    job = dc.job_config(dc.load(config), out=lambda line: None)
+    lines: list[str] = []
+    proxy.requests.clear()
+    dc.check_before_submission(job, ("AP", "PA"), out=lines.append)
+    assert [line for line in lines if "error" in line] == []
+    assert lines[-1] == "preflight: inputs, output_dir and temp_location checked"
+    assert proxy.requests and [r for r in proxy.requests if "userProject" in r[2]] == []
+
+
+def test_the_launcher_stage_needs_stage_to(source_dataset, tmp_path, capsys):
+    from pipelines import dataflow_config as dc
+    from tests.test_dataflow import edited_example
+
+    config = tmp_path / "dataflow_config.json"
+    config.write_text(json.dumps({**edited_example(), **_roots(source_dataset)}))
+    with pytest.raises(SystemExit) as done:
+        dc.main(["--config", str(config), "--stage", "--dry-run"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {config}: --stage needs 'stage_to', a gs:// folder in your bucket (in the "
+        "config, or --stage_to gs://BUCKET/physionet-copy)\n")
