@@ -18,6 +18,11 @@ crc32c already match is skipped. `STAGE_TO/_manifest.json` (each object's name, 
 crc32c) is written last, once every copy succeeded. `--dry-run` prints the plan and its cost
 without copying.
 
+`./run_dataflow.sh --stage [--dry-run]` calls `run_stage` with the config's values; later runs
+of the launcher read the copy (`dataflow_config.reading_staged_copy`). GCS calls go through
+`storage.gcs_bucket` (one client per thread and billing project); the prices are
+`pipelines.prices`.
+
 The plan's pure part (`linked_image_paths`, `plan_copies`, `estimate`) needs no GCS.
 """
 
