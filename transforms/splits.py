@@ -356,6 +356,8 @@ class _CountStrataFn(beam.CombineFn):
         return dict(sorted(accumulator.items()))
 
 
+@beam.typehints.with_input_types(CohortRecord)
+@beam.typehints.with_output_types(SplitAssignment)
 class SplitPatients(beam.PTransform):
     """Assigns every patient of the cohort to train, val or test (the analyze pass).
 
@@ -391,6 +393,7 @@ class SplitPatients(beam.PTransform):
         )
 
 
+@beam.typehints.with_input_types(SplitAssignment)
 class WriteIndices(beam.PTransform):
     """Writes stratification_indices.json (alone, for --compute_indices_only).
 

@@ -94,8 +94,6 @@ class _WriteChunkFn(beam.DoFn):
 
     def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir
-
-    def setup(self) -> None:
         self._chunks = Metrics.counter("chunks", "chunks_written")
         self._records = Metrics.counter("chunks", "records_written")
 
@@ -150,6 +148,7 @@ class _WriteChunkFn(beam.DoFn):
         return data
 
 
+@beam.typehints.with_output_types(ChunkInfo)
 class WriteChunks(beam.PTransform):
     """Writes the spilled records of each split as fixed-size chunk files.
 
