@@ -41,7 +41,9 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
-from transforms import schema, storage
+from transforms.join import schema
+
+from transforms import storage
 from transforms.errors import InputError
 from transforms.records import CohortRecord
 

@@ -2,7 +2,7 @@
 
 For each sample `{"cohort": CohortRecord, ...}` the stage adds:
 
-    "clinical_data"        np.float32 [F]  transforms.features.FEATURE_NAMES order, 0.0 if missing
+    "clinical_data"        np.float32 [F]  transforms.text.features.FEATURE_NAMES order, 0.0 if missing
     "clinical_mask"        np.bool_ [F]    True where the value was observed and valid
     "enhanced_note"        str             readable note, sections joined by newlines
     "text_input_ids"       np.int32 [T]    [CLS] section tokens ... [SEP], T <= max_text_length
@@ -38,9 +38,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from transforms import features, knowledge, records
+from transforms.text import features, knowledge
+
+from transforms import records
 from transforms.errors import InputError
-from transforms.knowledge import KnowledgeRetriever, Snippet
+from transforms.text.knowledge import KnowledgeRetriever, Snippet
 from transforms.ledger import LEDGER_TAG, Tally
 
 STAGE = "text"
