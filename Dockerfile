@@ -23,6 +23,6 @@ COPY transforms transforms
 # with the Hub offline, as the workers run.
 RUN pip install --no-cache-dir --no-deps . \
     && cd / && HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -c \
-        "from transforms.knowledge import retrieval as r; r.load_model(r.default_model_path())"
+        "from transforms.text.knowledge import retrieval as r; r.load_model(r.default_model_path())"
 
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -25,12 +25,13 @@ setuptools.setup(
     version=_version(),
     description="MIMIC-IV + MIMIC-IV-ED + MIMIC-CXR-JPG to multimodal torch chunks on Beam",
     python_requires=">=3.11",  # the code uses hashlib.file_digest
+    # synthetic: the demo's generator (development data; a real run never imports it).
     packages=setuptools.find_packages(include=["pipelines", "pipelines.*", "transforms",
-                                               "transforms.*"]),
+                                               "transforms.*", "synthetic", "synthetic.*"]),
     package_data={
-        "transforms.knowledge": ["*.jsonl"],
+        "transforms.text.knowledge": ["*.jsonl"],
         # The seed radiographs of the synthetic demo (NIH ChestX-ray14, see their README).
-        "transforms": ["radiographs/*.png", "radiographs/*.md", "radiographs/*.csv"],
+        "synthetic": ["radiographs/*.png", "radiographs/*.md", "radiographs/*.csv"],
     },
     include_package_data=True,
     install_requires=_requirements(),

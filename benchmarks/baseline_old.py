@@ -66,7 +66,7 @@ def main() -> None:
 
     from transforms import storage
     from transforms.images import preprocess_image
-    from transforms.notes import NoteBuilder, load_text_resources
+    from transforms.text.notes import NoteBuilder, load_text_resources
     from transforms.records import sample_from
 
     records = pickle.loads(Path(args.cohort).read_bytes())

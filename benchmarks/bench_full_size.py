@@ -1,7 +1,7 @@
 """Exactness, memory and time at MIMIC's full size, against the generator's own answer.
 
 Join-only: `--runs` consecutive `--compute_indices_only` runs of the default local runner on
-a full-size synthetic dataset (`python -m pipelines.synthetic_mimic --scale mimic
+a full-size synthetic dataset (`python -m synthetic.mimic --scale mimic
 --no_images`), the first `--cold` of them after dropping the page cache (root only). Each run:
 wall time, peak RSS of the whole process tree, whether stratification_indices.json is
 byte-identical to the first run's, and whether its patient set equals the answer's
@@ -10,7 +10,7 @@ byte-identical to the first run's, and whether its patient set equals the answer
 End to end (`--end_to_end`, on a dataset generated with images): one full run; the record ids
 of the written chunks and failed/ must be exactly the answer's dicom_ids.
 
-    .venv/bin/python -m pipelines.synthetic_mimic --scale mimic --no_images \
+    .venv/bin/python -m synthetic.mimic --scale mimic --no_images \
         --output_dir /work/fullsize
     .venv/bin/python benchmarks/bench_full_size.py --data /work/fullsize --runs 5 --cold 2
     .venv/bin/python benchmarks/bench_full_size.py --data /work/fullsize_img --end_to_end
@@ -110,7 +110,7 @@ def image_tight_loop(data: Path, n: int, workers: int = 2) -> float:
 
     with gzip.open(data / "answer" / "cohort.csv.gz", "rt", newline="") as handle:
         rows = [r for _, r in zip(range(n), csv.DictReader(handle))]
-    from transforms.schema import image_relpath
+    from transforms.join.schema import image_relpath
 
     paths = [str(data / "mimic-cxr-jpg" / image_relpath(int(r["subject_id"]),
                                                         int(r["study_id"]), r["dicom_id"]))

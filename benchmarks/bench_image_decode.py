@@ -1,8 +1,8 @@
 """Decode paths for full-size radiograph JPEGs, and the image stage's throughput.
 
 Builds realistic MIMIC-CXR-JPG-sized JPEGs (2544 wide x 3056 high, quality 95, ~1.2 MB) from the
-real NIH radiographs bundled in transforms/radiographs (upsampled, re-exposed, fine film grain: see
-transforms/synthetic_images.py), then prints, per image on one core:
+real NIH radiographs bundled in synthetic/radiographs (upsampled, re-exposed, fine film grain: see
+synthetic/images.py), then prints, per image on one core:
   - decode time: cv2.imdecode IMREAD_GRAYSCALE, IMREAD_REDUCED_GRAYSCALE_2/_4/_8, Pillow full
     and Pillow with draft() (DCT-domain reduction picked for the target size);
   - how much a reduced decode changes the 518 output (vs. the full decode, both letterboxed);
@@ -40,7 +40,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from transforms import images, records, storage, synthetic_images  # noqa: E402
+from transforms import images, records, storage  # noqa: E402
+
+from synthetic import images
 
 HEIGHT, WIDTH = 3056, 2544
 

@@ -32,7 +32,7 @@ from benchmarks.memory import run_measured  # noqa: E402
 
 
 def _generate(root: Path, patients: int, seed: int):
-    from pipelines.synthetic_mimic import generate
+    from synthetic.mimic import generate
 
     stamp = root / "generated.json"
     if stamp.exists():
@@ -60,9 +60,9 @@ def _cohort(roots: dict, path: Path) -> list:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from transforms import schema
-    from transforms.cohort import RECORDS_TAG, JoinCohort
-    from transforms.tables import ReadTables
+    from transforms.join import schema
+    from transforms.join.cohort import RECORDS_TAG, JoinCohort
+    from transforms.join.tables import ReadTables
 
     if path.exists():
         return pickle.loads(path.read_bytes())
@@ -85,9 +85,9 @@ def _tight_worker(args) -> tuple[float, float, int]:
     from transforms import storage
     from transforms.chunks.format import encode_record
     from transforms.images import preprocess_image
-    from transforms.notes import NoteBuilder, load_text_resources
+    from transforms.text.notes import NoteBuilder, load_text_resources
     from transforms.records import sample_from
-    from transforms.spill import to_chunk_record
+    from transforms.write.spill import to_chunk_record
 
     builder = NoteBuilder(load_text_resources())
     while time.time() < barrier_time:  # both processes start the clock together

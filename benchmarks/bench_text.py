@@ -25,7 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from transforms import notes, records, schema  # noqa: E402
+from transforms.text import notes  # noqa: E402
+
+from transforms import records
+
+from transforms.join import schema
 
 # Common ED chief complaints with rough relative frequencies (MIMIC-IV-ED's head).
 COMPLAINTS = (

@@ -3,7 +3,7 @@
 Writes benchmarks/measured_costs.json with, per record and on one core of this machine:
   - image_seconds: `transforms.images.preprocess_image` on full-size (2544 x 3056, ~1.2 MB)
     radiograph JPEGs built from the real NIH radiographs (decode, letterbox, CLAHE);
-  - text_seconds: `transforms.notes.NoteBuilder.build` on one record at a time (knowledge
+  - text_seconds: `transforms.text.notes.NoteBuilder.build` on one record at a time (knowledge
     retrieval with the real MiniLM, note assembly, real tokenizer), every query distinct so
     the retrieval cache never helps (real data repeats chief complaints: an upper bound);
   - encode_seconds and record_bytes: `transforms.chunks.encode_record` of the finished record
@@ -65,7 +65,7 @@ def make_jpegs(count: int, seed: int) -> list[bytes]:
     import cv2
     import numpy as np
 
-    from transforms import synthetic_images
+    from synthetic import images
 
     sources = synthetic_images.load_radiographs()
     rng = np.random.default_rng(seed)
@@ -141,8 +141,10 @@ def _memory_probe(jpeg_path: str) -> None:
     cv2.setNumThreads(1)
     import apache_beam  # noqa: F401  (the SDK process has Beam loaded too)
 
-    from transforms import images, notes
+    from transforms import images
 
+
+    from transforms.text import notes
     baseline = max(_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     jpeg = Path(jpeg_path).read_bytes()
     images.preprocess_image(jpeg, size=518)
@@ -159,7 +161,8 @@ def measure(n_images: int, n_records: int, repeats: int) -> dict:
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    from transforms import images, notes
+    from transforms import images
+    from transforms.text import notes
     from transforms.chunks import encode_record
 
     jpegs = make_jpegs(n_images, seed=0)
@@ -232,7 +235,7 @@ def _ref_bytes(record: dict) -> int:
     """Encoded size of one spill reference (what crosses the shuffles instead of the record)."""
     from apache_beam.coders import registry
 
-    from transforms.spill import SpillRef, spill_path
+    from transforms.write.spill import SpillRef, spill_path
 
     ref = SpillRef(
         record_id=record["record_id"], subject_id=record["subject_id"],

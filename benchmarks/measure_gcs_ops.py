@@ -47,7 +47,7 @@ def main() -> None:
 
         gcs.Client(project="test-project").create_bucket("bench")
         from tests.test_write_chunks import make_cohort_records, run_pipeline
-        from transforms.metadata import check_output_dir
+        from transforms.write.metadata import check_output_dir
 
         cohort = make_cohort_records(patients)
         check_output_dir("gs://bench/out", overwrite=False)

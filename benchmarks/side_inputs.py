@@ -28,7 +28,7 @@ def main() -> None:
 
     from apache_beam.coders import registry
 
-    from transforms.spill import SpillRef, spill_path
+    from transforms.write.spill import SpillRef, spill_path
     from transforms.splits import SplitAssignment, hash_split
 
     rng = random.Random(0)

@@ -24,21 +24,23 @@ from pipelines import cli
 from pipelines.local_runner import apply_runner_defaults, is_local
 from pipelines.malloc import limit_malloc_arenas
 from pipelines.config import DatasetConfig, DatasetOptions, config_from_options
-from transforms import dataset_card, schema, storage
-from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
+from transforms.write import dataset_card
+from transforms.join import schema
+from transforms import storage
+from transforms.join.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
 from transforms.images import PreprocessImages
-from transforms.notes import BuildNotes, check_text_config
+from transforms.text.notes import BuildNotes, check_text_config
 from transforms.progress import Progress
 from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger
 from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, SAMPLES_TAG, sample_from
-from transforms.spill import REFS_TAG
+from transforms.write.spill import REFS_TAG
 from transforms.splits import INDICES_NAME, SplitAssignment, SplitPatients, WriteIndices
 from transforms.splits import read_indices
-from transforms.tables import ReadTables, check_image_root, check_tables
-from transforms.metadata import WriteMetadata, check_output_dir
-from transforms.spill import SpillSamples
-from transforms.write_chunks import WriteChunks
+from transforms.join.tables import ReadTables, check_image_root, check_tables
+from transforms.write.metadata import WriteMetadata, check_output_dir
+from transforms.write.spill import SpillSamples
+from transforms.write.write_chunks import WriteChunks
 
 SYNTHETIC_DIR_SUFFIX = "_synthetic_mimic"
 
@@ -139,7 +141,7 @@ def image_root(cfg: DatasetConfig) -> str:
 
 def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
     """The demo: generates MIMIC-shaped data beside the output (once; reused when present)."""
-    from pipelines.synthetic_mimic import generate
+    from synthetic.mimic import generate
 
     folder = cfg.output_dir + SYNTHETIC_DIR_SUFFIX
     stamp = storage.join(folder, "generated.json")

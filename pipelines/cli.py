@@ -24,7 +24,7 @@ import transforms
 # PipelineOptions subclass, so that the check knows them.
 from pipelines.config import DEFAULT_LOG_LEVEL, LOG_LEVELS, DatasetOptions  # noqa: F401
 from transforms.errors import InputError
-from transforms.provenance import PROJECT_DISTRIBUTION
+from transforms.write.provenance import PROJECT_DISTRIBUTION
 
 # Loggers of libraries whose progress and warnings are not the run's story (model loading
 # bars, font-cache notes); their errors still show.

@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping, Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.errors import InputError
-from transforms.knowledge import DEFAULT_TOP_K
+from transforms.text.knowledge import DEFAULT_TOP_K
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION
-from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
+from transforms.text.notes import DEFAULT_MAX_TEXT_LENGTH
 from transforms.splits import DEFAULT_RATIOS, DEFAULT_SEED
 
 # Who declares a setting's `--flag`.

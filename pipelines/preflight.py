@@ -6,7 +6,7 @@ paid even by a job that fails on its first read):
 - inputs on PhysioNet's buckets (`*.physionet.org`): an error, since the workers' service
   account is not granted them; `run_dataflow.sh --stage` copies them to the user's bucket;
 - every table the job reads exists with its columns, and a sample of the frontal images is
-  under the image root (`transforms.tables.check_tables` / `check_image_root`, the launcher's
+  under the image root (`transforms.join.tables.check_tables` / `check_image_root`, the launcher's
   own checks);
 - `output_dir` and `temp_location` are writable (a probe object is written and deleted);
 - each bucket's location holds the job's region, or a warning: reads and writes across
@@ -23,9 +23,10 @@ import dataclasses
 import uuid
 from typing import Iterable, Mapping, Optional
 
-from transforms import schema, storage
+from transforms import storage
 from transforms.errors import InputError
-from transforms.tables import IMAGE_SAMPLE, check_image_root, check_tables
+from transforms.join import schema
+from transforms.join.tables import IMAGE_SAMPLE, check_image_root, check_tables
 
 ERROR = "error"
 WARNING = "warning"

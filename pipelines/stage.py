@@ -4,7 +4,7 @@ PhysioNet grants its buckets to the user's own Google account; Dataflow workers 
 service account PhysioNet does not know, so they cannot read them. This module copies, with the
 user's credentials on the launcher, the tables the pipeline reads (`schema.INPUT_TABLES`) and
 only the JPEGs of the cohort (the pipeline's own rule: a frontal image whose study moment lies
-inside an ED stay of its subject, `transforms.cohort`) into `stage_to`:
+inside an ED stay of its subject, `transforms.join.cohort`) into `stage_to`:
 
     python -m pipelines.stage --mimic_iv_dir gs://... --mimic_ed_dir gs://... \
         --mimic_cxr_dir gs://... --stage_to gs://BUCKET/physionet-copy \
@@ -44,10 +44,11 @@ from typing import (
 )
 
 from pipelines.prices import PRICES
-from transforms import schema, storage
-from transforms.cohort import parse_study_datetime, parse_table_datetime, pick_stay
+from transforms import storage
 from transforms.errors import InputError
-from transforms.tables import columns, iter_rows, table_path
+from transforms.join import schema
+from transforms.join.cohort import parse_study_datetime, parse_table_datetime, pick_stay
+from transforms.join.tables import columns, iter_rows, table_path
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_VERSION = 1

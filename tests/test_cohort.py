@@ -15,8 +15,9 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.test_tables import make_roots, write_table
-from transforms import records, schema
-from transforms.cohort import (
+from transforms import records
+from transforms.join import schema
+from transforms.join.cohort import (
     METRICS_NAMESPACE,
     RECORDS_TAG,
     EdStay,
@@ -26,7 +27,7 @@ from transforms.cohort import (
     pick_stay,
 )
 from transforms.ledger import LEDGER_TAG
-from transforms.tables import FLOAT_COLUMNS, ReadTables, check_tables, columns
+from transforms.join.tables import FLOAT_COLUMNS, ReadTables, check_tables, columns
 
 D = dt.datetime
 
@@ -438,7 +439,7 @@ def test_join_cohort_from_csv_gz_never_reads_the_disposition(tmp_path: Path) -> 
 
 
 def test_join_cohort_on_the_synthetic_dataset_accounts_for_every_image(tmp_path: Path) -> None:
-    synthetic_mimic = pytest.importorskip("pipelines.synthetic_mimic")
+    synthetic_mimic = pytest.importorskip("synthetic.mimic")
     data = synthetic_mimic.generate(
         str(tmp_path / "mimic"), n_patients=30, seed=7, image_height=32, image_width=32,
         image_pool=2,
@@ -467,7 +468,7 @@ def test_join_cohort_on_the_synthetic_dataset_accounts_for_every_image(tmp_path:
 def test_join_reading_the_files_itself_gives_the_same_records(tmp_path: Path) -> None:
     """JoinCohort(roots=...) reads and filters the tables in one step; the records are the
     same as when every table comes in as rows, and its ledger counts every row read."""
-    synthetic_mimic = pytest.importorskip("pipelines.synthetic_mimic")
+    synthetic_mimic = pytest.importorskip("synthetic.mimic")
     data = synthetic_mimic.generate(
         str(tmp_path / "mimic"), n_patients=40, seed=8, image_height=32, image_width=32,
         image_pool=2, images=False)

@@ -211,8 +211,8 @@ def test_override_paths_are_relative_to_the_current_directory(tmp_path: Path) ->
 def test_the_knowledge_base_is_loaded_once_per_submission(tmp_path: Path, monkeypatch) -> None:
     """Counts real loads: once when the flags are checked, none when the graph is built (the
     transforms take the checked values); the workers then load it once per process."""
-    from pipelines.synthetic_mimic import generate
-    from transforms import knowledge
+    from synthetic.mimic import generate
+    from transforms.text import knowledge
 
     loads: list[str] = []
     real_load = knowledge.load_knowledge_base

@@ -399,12 +399,12 @@ def _sdist_requires(archive: Path) -> list[str]:
 def test_sdist_holds_both_packages_their_data_and_the_requirements(sdist: Path) -> None:
     members = _members(sdist)
     for module in ("pipelines/build_dataset.py", "pipelines/config.py",
-                   "pipelines/dataflow_config.py", "pipelines/synthetic_mimic.py",
-                   "transforms/images.py", "transforms/notes.py", "transforms/cohort.py",
-                   "transforms/chunks/format.py", "transforms/knowledge/retrieval.py",
-                   "transforms/knowledge/knowledge_base.jsonl",
-                   "transforms/radiographs/00000001_000.png",
-                   "transforms/radiographs/00027426_000.png", "transforms/radiographs/README.md",
+                   "pipelines/dataflow_config.py", "synthetic/mimic.py",
+                   "transforms/images.py", "transforms/text/notes.py", "transforms/join/cohort.py",
+                   "transforms/chunks/format.py", "transforms/text/knowledge/retrieval.py",
+                   "transforms/text/knowledge/knowledge_base.jsonl",
+                   "synthetic/radiographs/00000001_000.png",
+                   "synthetic/radiographs/00027426_000.png", "synthetic/radiographs/README.md",
                    "requirements_dataflow.txt", "setup.py"):
         assert module in members, f"{module} is not in the sdist"
     assert not any(m.startswith(("benchmarks/", ".venv/", "output/")) for m in members)
@@ -449,13 +449,13 @@ def test_sdist_installs_in_a_clean_venv(sdist: Path, tmp_path: Path) -> None:
     check = """
 import importlib.metadata, importlib.resources, json, sys
 import pipelines.build_dataset, pipelines.dataflow_config, transforms.chunks, transforms.images
-import transforms.notes, transforms.synthetic_images
-kb = importlib.resources.files("transforms.knowledge") / "knowledge_base.jsonl"
-seeds = transforms.synthetic_images.DEFAULT_RADIOGRAPH_DIR
+import transforms.text.notes, synthetic.images
+kb = importlib.resources.files("transforms.text.knowledge") / "knowledge_base.jsonl"
+seeds = synthetic.images.DEFAULT_RADIOGRAPH_DIR
 print(json.dumps({
     "pipelines": pipelines.build_dataset.__file__, "transforms": transforms.images.__file__,
     "kb_lines": len(kb.read_text().splitlines()),
-    "seed_images": len(transforms.synthetic_images.load_radiographs(seeds)),
+    "seed_images": len(synthetic.images.load_radiographs(seeds)),
     "seeds_installed": str(seeds),
     "requires": importlib.metadata.requires("mimic-multimodal-beam"),
     "repo_on_path": any(p.rstrip("/") == sys.argv[1] for p in sys.path)}))
@@ -482,7 +482,7 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def gs_dataset(gcs_emulator: str):
     """A small synthetic MIMIC dataset generated straight onto the GCS emulator."""
-    from pipelines.synthetic_mimic import generate
+    from synthetic.mimic import generate
 
     return generate(f"{gcs_emulator}/dataflow-test/mimic", n_patients=14, seed=5,
                     image_height=360, image_width=300, image_pool=3)
@@ -576,7 +576,7 @@ def test_dataflow_job_graph_and_staged_sdist_built_offline(gcs_emulator: str, gs
     archive = tmp_path / "workflow.tar.gz"
     archive.write_bytes(_blob(location).download_as_bytes())
     members = _members(archive)
-    assert {"pipelines/build_dataset.py", "transforms/knowledge/knowledge_base.jsonl",
+    assert {"pipelines/build_dataset.py", "transforms/text/knowledge/knowledge_base.jsonl",
             "transforms/chunks/format.py", "requirements_dataflow.txt"} <= members
     assert _sdist_requires(archive) == REQUIREMENTS
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipelines import build_dataset
-from pipelines.synthetic_mimic import generate
+from synthetic.mimic import generate
 from transforms.chunks import ChunkedDataset
 
 IMAGE_SIZE = 64

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from transforms import features
-from transforms.features import FEATURE_NAMES
+from transforms.text import features
+from transforms.text.features import FEATURE_NAMES
 from transforms.records import CohortRecord
-from transforms.schema import CHEXPERT_LABELS
+from transforms.join.schema import CHEXPERT_LABELS
 
 TRIAGE = {
     "temperature": "98.6", "heartrate": "88.0", "resprate": "18.0", "o2sat": "97.0",

@@ -12,12 +12,12 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
-from pipelines.synthetic_mimic import generate
-from transforms import schema
-from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
+from synthetic.mimic import generate
+from transforms.join import schema
+from transforms.join.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger, check_conservation
 from transforms.splits import SplitPatients, WriteIndices
-from transforms.tables import ReadTables
+from transforms.join.tables import ReadTables
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from tests.test_features import TRIAGE, make_record
 from transforms.ledger import LEDGER_TAG
-from transforms import features, knowledge, notes, records, storage
+from transforms.text import features, knowledge, notes
+from transforms import records, storage
 from transforms.errors import InputError
 
 MODEL_DIR = Path(knowledge.default_model_path())

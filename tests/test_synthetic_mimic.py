@@ -16,10 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines import synthetic_mimic
-from pipelines.synthetic_mimic import GeneratedDataset, generate, study_time_text
-from transforms import schema, storage
-from transforms.synthetic_images import FAULT_KINDS
+from synthetic import mimic
+from synthetic.mimic import GeneratedDataset, generate, study_time_text
+from transforms.join import schema
+from transforms import storage
+from synthetic.images import FAULT_KINDS
 
 SMALL = dict(image_height=384, image_width=320, image_pool=4)
 TIME = "%Y-%m-%d %H:%M:%S"

@@ -15,9 +15,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import schema, storage
+from transforms.join import schema
+
+from transforms import storage
 from transforms.errors import InputError
-from transforms.tables import ReadTables, check_tables, column_index, columns, iter_rows
+from transforms.join.tables import ReadTables, check_tables, column_index, columns, iter_rows
 
 
 def fn_api_pipeline() -> test_pipeline.TestPipeline:

@@ -23,10 +23,10 @@ from transforms.errors import InputError
 from transforms.records import DROP_NO_ED_STAY, DROP_NOT_FRONTAL, FAIL_IMAGE_TRUNCATED, FAIL_TEXT
 from transforms.records import CohortRecord, DeadLetter
 from transforms.ledger import LEDGER_TAG, SumLedger
-from transforms.metadata import WriteMetadata, check_output_dir
-from transforms.spill import REFS_TAG, SpillRef, SpillSamples, spill_path, to_chunk_record
+from transforms.write.metadata import WriteMetadata, check_output_dir
+from transforms.write.spill import REFS_TAG, SpillRef, SpillSamples, spill_path, to_chunk_record
 from transforms.splits import SPLITS, SplitAssignment, SplitPatients, read_indices
-from transforms.write_chunks import WriteChunks, _WriteChunkFn, lay_out_split
+from transforms.write.write_chunks import WriteChunks, _WriteChunkFn, lay_out_split
 
 IMAGE = 16
 FEATURES = ("heartrate", "o2sat", "age", "pain")

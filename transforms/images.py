@@ -316,6 +316,7 @@ class _PreprocessImageFn(beam.DoFn):
         yield {**sample, "image": image, "image_box": box}
 
 
+@beam.typehints.with_input_types(dict)
 class PreprocessImages(beam.PTransform):
     """Reads, decodes, letterboxes and contrast-enhances each record's radiograph.
 

@@ -65,6 +65,8 @@ class Tally:
                     LEDGER_TAG, GlobalWindows.windowed_value((name, n)))
 
 
+@beam.typehints.with_input_types(tuple[str, int])
+@beam.typehints.with_output_types(tuple[str, int])
 class SumLedger(beam.PTransform):
     """Flattens ledger outputs and sums them per name: a PCollection of (name, total), to be
     read as `beam.pvalue.AsDict`."""

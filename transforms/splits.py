@@ -41,7 +41,9 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
-from transforms import schema, storage
+from transforms.join import schema
+
+from transforms import storage
 from transforms.errors import InputError
 from transforms.records import CohortRecord
 
@@ -356,6 +358,8 @@ class _CountStrataFn(beam.CombineFn):
         return dict(sorted(accumulator.items()))
 
 
+@beam.typehints.with_input_types(CohortRecord)
+@beam.typehints.with_output_types(SplitAssignment)
 class SplitPatients(beam.PTransform):
     """Assigns every patient of the cohort to train, val or test (the analyze pass).
 
@@ -391,6 +395,7 @@ class SplitPatients(beam.PTransform):
         )
 
 
+@beam.typehints.with_input_types(SplitAssignment)
 class WriteIndices(beam.PTransform):
     """Writes stratification_indices.json (alone, for --compute_indices_only).
 

@@ -32,7 +32,7 @@ import torch
 # Which stage fills a field: a `CohortRecord` attribute of the same name ("cohort"), the
 # preprocessed sample's key of the same name ("images", "notes"), or the record's split.
 STAGES = ("cohort", "images", "notes", "split")
-# How metadata.json summarises a field per split (see transforms.metadata):
+# How metadata.json summarises a field per split (see transforms.write.metadata):
 #   classes: per position, records by class of value (1.0 positive, 0.0 negative, ...);
 #   length:  a histogram of the field's length, capped at a configured limit;
 #   missing: per position, the share of records where a mask marks it missing (False).

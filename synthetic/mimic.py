@@ -7,7 +7,7 @@ Writes, under `--output_dir` (local or gs://):
     mimic-cxr-jpg/mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz
     mimic-cxr-jpg/files/p10/p10000032/s50414267/02aa804e-bde0afdd-112c0b34-7bc16630-4e384014.jpg
 
-with the columns of `transforms.schema.TABLES` and the quirks of the real files: dates shifted
+with the columns of `transforms.join.schema.TABLES` and the quirks of the real files: dates shifted
 into 2100-2200 per patient, StudyTime floats with lost leading zeros and float noise
 (`5959.25`, `213014.53100000002`), the real ViewPosition mix (null included), several stays per
 patient (some overlapping), about half the frontal images outside any ED stay, stays without
@@ -40,8 +40,8 @@ per table, images, frontal images) and the arguments.
 Everything is a pure function of the arguments: the same arguments give byte-identical CSVs.
 
 Usage:
-    python -m pipelines.synthetic_mimic --output_dir /tmp/mimic --n_patients 2000 --seed 0
-    python -m pipelines.synthetic_mimic --output_dir /tmp/fullsize --scale mimic --no_images
+    python -m synthetic.mimic --output_dir /tmp/mimic --n_patients 2000 --seed 0
+    python -m synthetic.mimic --output_dir /tmp/fullsize --scale mimic --no_images
 """
 
 from __future__ import annotations
@@ -63,8 +63,11 @@ import time
 from typing import Any, Optional, Sequence
 
 
-from transforms import schema, storage
-from transforms.synthetic_images import (
+from transforms.join import schema
+
+
+from transforms import storage
+from synthetic.images import (
     DEFAULT_RADIOGRAPH_DIR,
     FAULT_KINDS,
     FAULT_MISSING,
@@ -950,7 +953,7 @@ def generate(
         faults: number of frontal in-stay images made into each fault kind (missing, empty,
             truncated, not an image).
         radiograph_dir: folder of seed radiograph PNGs (default: the two NIH ChestX-ray14 PNGs
-            bundled in transforms/radiographs/).
+            bundled in synthetic/radiographs/).
         scale: "mimic" for MIMIC's published row counts (`MIMIC_ROW_COUNTS`, within ~2%), or a
             fraction of them (0.01); None for the small `n_patients` dataset.
         images: False writes every table but no JPEG (join-only runs); the CSVs are the same.
@@ -1102,7 +1105,7 @@ def _write_images(
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.synthetic_mimic",
+        prog="python -m synthetic.mimic",
         description="Write a synthetic MIMIC-IV / MIMIC-IV-ED / MIMIC-CXR-JPG dataset in the "
         "real PhysioNet layout (local or gs://).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1130,7 +1133,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "empty, truncated, not an image")
     parser.add_argument("--radiograph_dir", default=None,
                         help="folder of seed radiograph PNGs for the image texture (default: "
-                        "the two NIH ChestX-ray14 PNGs bundled in transforms/radiographs/)")
+                        "the two NIH ChestX-ray14 PNGs bundled in synthetic/radiographs/)")
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ import apache_beam as beam
 
 from transforms import records
 from transforms.ledger import LEDGER_TAG, Tally
-from transforms.tables import columns
+from transforms.join.tables import columns
 
 NOT_IN_LIMIT = f"cohort/{records.DROP_NOT_IN_LIMIT}"
 
@@ -58,7 +58,7 @@ class _StayBoundsFn(beam.DoFn):
 
 
 def _linkable(element: tuple[int, dict]) -> tuple[int, int]:
-    from transforms.cohort import EdStay, parse_table_datetime, pick_stay, unpack_rows
+    from transforms.join.cohort import EdStay, parse_table_datetime, pick_stay, unpack_rows
 
     subject_id, groups = element
     stays = []

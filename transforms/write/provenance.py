@@ -113,7 +113,7 @@ def _default_model_path() -> str:
 
 
 def _default_knowledge_base() -> str:
-    from transforms.knowledge.retrieval import default_knowledge_base_path
+    from transforms.text.knowledge.retrieval import default_knowledge_base_path
 
     return default_knowledge_base_path()
 

@@ -2,7 +2,7 @@
 
 For each sample `{"cohort": CohortRecord, ...}` the stage adds:
 
-    "clinical_data"        np.float32 [F]  transforms.features.FEATURE_NAMES order, 0.0 if missing
+    "clinical_data"        np.float32 [F]  transforms.text.features.FEATURE_NAMES order, 0.0 if missing
     "clinical_mask"        np.bool_ [F]    True where the value was observed and valid
     "enhanced_note"        str             readable note, sections joined by newlines
     "text_input_ids"       np.int32 [T]    [CLS] section tokens ... [SEP], T <= max_text_length
@@ -38,9 +38,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from transforms import features, knowledge, records
+from transforms.text import features, knowledge
+
+from transforms import records
 from transforms.errors import InputError
-from transforms.knowledge import KnowledgeRetriever, Snippet
+from transforms.text.knowledge import KnowledgeRetriever, Snippet
 from transforms.ledger import LEDGER_TAG, Tally
 
 STAGE = "text"
@@ -415,15 +417,17 @@ class _BuildNotesFn(beam.DoFn):
         self._paths = (embedding_model, knowledge_base, tokenizer)
         self._max_text_length = max_text_length
         self._top_k = top_k
+        # Counters are small picklable names (created here, as in every DoFn); heavy
+        # objects are loaded in setup().
         self._tally = Tally([FAILED_TEXT])
+        self._built = Metrics.counter(METRICS_NAMESPACE, "notes_built")
+        self._cache_hits = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_hits")
+        self._cache_misses = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_misses")
 
     def setup(self) -> None:
         # One load per process, shared by every instance and thread (see Shared).
         self._resources = shared_text_resources(*self._paths)
         self._builder = NoteBuilder(self._resources, self._max_text_length, self._top_k)
-        self._built = Metrics.counter(METRICS_NAMESPACE, "notes_built")
-        self._cache_hits = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_hits")
-        self._cache_misses = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_misses")
 
     def start_bundle(self) -> None:
         self._tally.start()
@@ -466,6 +470,7 @@ def check_text_config(
                                   markers=("tokenizer.json", "tokenizer_config.json"))
 
 
+@beam.typehints.with_input_types(dict)
 class BuildNotes(beam.PTransform):
     """Adds clinical features, the enhanced note, its tokens and retrieved knowledge.
 

@@ -2,8 +2,8 @@
 
 `WriteMetadata` runs once every chunk is written (it waits on the list of all `ChunkInfo`s)
 and publishes, in order: the dead letters under `failed/`, `stratification_indices.json`, the
-dataset report (`report.html` and `report/`, see `transforms.report`; a failure there is
-recorded, not fatal), `DATASET_CARD.md` (`transforms.dataset_card`), and `metadata.json` last,
+dataset report (`report.html` and `report/`, see `transforms.write.report`; a failure there is
+recorded, not fatal), `DATASET_CARD.md` (`transforms.write.dataset_card`), and `metadata.json` last,
 whose presence marks the output complete. It then removes the run's temporary files.
 Every input it reads is small (chunk entries, counts, refs; the report's example records, when
 asked for, are read back from the written chunks); the manifest is a pure function of them
@@ -24,16 +24,20 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
-from transforms import dataset_card, report, schema, storage
+from transforms.write import dataset_card, report
+
+from transforms.join import schema
+
+from transforms import storage
 from transforms import ledger as ledger_names
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, check_conservation
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.chunks.record import SUMMARISED, Summary
 from transforms.errors import InputError
-from transforms.provenance import collect, package_versions
+from transforms.write.provenance import collect, package_versions
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
-from transforms.spill import TMP_DIR, SpillRef, tmp_dir
-from transforms.write_chunks import ChunkInfo
+from transforms.write.spill import TMP_DIR, SpillRef, tmp_dir
+from transforms.write.write_chunks import ChunkInfo
 from transforms.splits import (
     INDICES_NAME,
     SPLITS,
@@ -278,7 +282,7 @@ class _SplitStatsFn(beam.CombineFn):
 
 
 def versions() -> dict[str, str]:
-    """The versions that shape the bytes of the output (see `transforms.provenance`)."""
+    """The versions that shape the bytes of the output (see `transforms.write.provenance`)."""
     return package_versions()
 
 
@@ -336,7 +340,7 @@ def build_metadata(
         image_size: side of the stored square images.
         feature_names: names of clinical_data's columns.
         label_names: names of the 14 labels.
-        provenance: `transforms.provenance.collect()`, made once on the launcher (None: the
+        provenance: `transforms.write.provenance.collect()`, made once on the launcher (None: the
             versions installed here, no provenance).
     """
     check_chunks(chunks, stats)
@@ -519,7 +523,7 @@ class WriteMetadata(beam.PTransform):
         self._tables = tuple(tables)
         self._max_failed_fraction = float(max_failed_fraction)
         if feature_names is None:
-            from transforms.features import FEATURE_NAMES
+            from transforms.text.features import FEATURE_NAMES
 
             feature_names = FEATURE_NAMES
         json.dumps(dict(config), allow_nan=False)  # fail now, not after the chunks

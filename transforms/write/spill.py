@@ -93,8 +93,6 @@ SPILLED = "spill/records_spilled"
 class _SpillFn(beam.DoFn):
     def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir
-
-    def setup(self) -> None:
         self._tally = Tally([SPILLED])
         self._bytes = Metrics.counter("spill", "bytes_spilled")
 
@@ -123,6 +121,7 @@ class _SpillFn(beam.DoFn):
         )
 
 
+@beam.typehints.with_input_types(dict)
 class SpillSamples(beam.PTransform):
     """Writes each preprocessed sample to a temporary file; emits a small `SpillRef`.
 

@@ -22,10 +22,12 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import apache_beam as beam
 
-from transforms import records, schema, storage
+from transforms import records, storage
+
+from transforms.join import schema
 from transforms.errors import InputError
 from transforms.ledger import LEDGER_TAG, Tally
-from transforms.tables import (
+from transforms.join.tables import (
     columns,
     iter_rows,
     rows_counter,
@@ -448,7 +450,7 @@ class JoinCohort(beam.PTransform):
     (`_ReadJoinRowsFn`), and their rows-read counts are in this ledger. Without it, every
     table comes as rows and is filtered and keyed here.
 
-    With `limit`, only the whole patients chosen by `transforms.subset.ChooseSubjects`
+    With `limit`, only the whole patients chosen by `transforms.join.subset.ChooseSubjects`
     (about `limit` records, by a hash of `seed`) are joined; the other images are dropped
     as records.DROP_NOT_IN_LIMIT before the join.
     """
@@ -497,7 +499,7 @@ class JoinCohort(beam.PTransform):
         ledgers = [split[LEDGER_TAG]]
         if self._limit:
             # Before the join, so only the chosen patients' rows cross it.
-            from transforms.subset import ChooseSubjects, KeepSubjects
+            from transforms.join.subset import ChooseSubjects, KeepSubjects
 
             if self._roots:  # for the stays' bounds only: the join reads edstays again, counted
                 spec = schema.TABLES["edstays"]

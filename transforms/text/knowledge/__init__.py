@@ -1,6 +1,6 @@
 """The knowledge base shipped as package data and its retrieval (see `retrieval`)."""
 
-from transforms.knowledge.retrieval import (
+from transforms.text.knowledge.retrieval import (
     ABBREVIATIONS,
     COMPLAINT_WEIGHT,
     DEFAULT_TOP_K,

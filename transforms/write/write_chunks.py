@@ -8,8 +8,8 @@ Only refs cross the two GroupByKeys; the writer reads one chunk's records back f
 temporary files, writes the chunk atomically (`transforms.storage.write_bytes`) and deletes
 them.
 
-The pipeline's output stages, in order (`transforms.spill.SpillSamples`, `WriteChunks`,
-`transforms.metadata.WriteMetadata`):
+The pipeline's output stages, in order (`transforms.write.spill.SpillSamples`, `WriteChunks`,
+`transforms.write.metadata.WriteMetadata`):
 
     refs = samples | SpillSamples(output_dir)
     chunks = (refs, assignment) | WriteChunks(output_dir, chunk_size, seed)
@@ -28,7 +28,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import storage
 from transforms.chunks.format import chunk_relpath, decode_chunk, decode_record, encode_chunk
-from transforms.spill import SpillRef, to_chunk_record
+from transforms.write.spill import SpillRef, to_chunk_record
 from transforms.splits import SplitAssignment
 
 
@@ -94,8 +94,6 @@ class _WriteChunkFn(beam.DoFn):
 
     def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir
-
-    def setup(self) -> None:
         self._chunks = Metrics.counter("chunks", "chunks_written")
         self._records = Metrics.counter("chunks", "records_written")
 
@@ -150,6 +148,7 @@ class _WriteChunkFn(beam.DoFn):
         return data
 
 
+@beam.typehints.with_output_types(ChunkInfo)
 class WriteChunks(beam.PTransform):
     """Writes the spilled records of each split as fixed-size chunk files.
 

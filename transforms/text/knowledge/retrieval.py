@@ -2,7 +2,7 @@
 
 The knowledge base (default: the `knowledge_base.jsonl` shipped in this package) and its
 embeddings are loaded once per worker process; the stage shares them between DoFn instances
-and threads through `apache_beam.utils.shared.Shared` (see `transforms.notes`).
+and threads through `apache_beam.utils.shared.Shared` (see `transforms.text.notes`).
 
 Query: the chief complaint (abbreviations spelled out) and the record's abnormal findings.
 Each distinct text is embedded on its own and the query vector is their weighted sum (see

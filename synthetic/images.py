@@ -1,7 +1,7 @@
 """Synthetic chest radiographs for the synthetic MIMIC-CXR-JPG tree, and the faulty files.
 
 Texture comes from real radiographs (the two NIH ChestX-ray14 PNGs shipped in
-`transforms/radiographs/`, see its README for licence and citation): each pool
+`synthetic/radiographs/`, see its README for licence and citation): each pool
 image is one of them, cropped, maybe mirrored, resized up to the full MIMIC-CXR-JPG size,
 re-exposed (brightness, contrast, gamma) and given fine film grain so that the JPEG has the
 size and decode cost of a real one (1-2 MB at 2544x3056). A pool of distinct encoded images is

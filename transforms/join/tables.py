@@ -30,7 +30,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import apache_beam as beam
 
-from transforms import schema, storage
+from transforms.join import schema
+
+from transforms import storage
 from transforms.errors import InputError
 from transforms.ledger import LEDGER_TAG, Tally
 

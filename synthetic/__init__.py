@@ -1,0 +1,1 @@
+"""Development tools: synthetic MIMIC-shaped inputs (never needed by a real run)."""

@@ -1,0 +1,1 @@
+"""Stage 1: read the tables and join the cohort by patient."""

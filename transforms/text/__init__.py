@@ -1,0 +1,1 @@
+"""Stage 3: the clinical features and the enhanced note."""
