@@ -77,6 +77,23 @@ def _counts(counts: Mapping[str, int]) -> str:
     return _table(("reason", "count"), [*rows, ("**total**", total)])
 
 
+def _split_source(meta: Mapping[str, Any]) -> str:
+    """How the patients were split (metadata.json "split_source")."""
+    strat = meta.get("stratification", {})
+    official = meta.get("official_split")
+    if meta.get("split_source") == "official" and official:
+        return (
+            f"The official MIMIC-CXR-JPG split (`{official['table']}`, by subject; validate is "
+            f"val): {official['patients_from_table']} patients from the table, "
+            f"{official['patients_not_in_table']} absent from it assigned by a stable hash "
+            f"(seed {strat.get('seed')}) against the target shares, "
+            f"{official['patients_with_conflicting_splits']} with rows in several splits put "
+            "in the most restrictive (test, then val).")
+    return (f"Stratified on {_value(strat.get('keys'))}, seed {strat.get('seed')}"
+            + (", patients reused from a saved stratification_indices.json"
+               if strat.get("reused_indices") else "") + ".")
+
+
 def render_card(meta: Mapping[str, Any]) -> str:
     """The card's Markdown for a metadata.json document."""
     config = meta.get("config", {})
@@ -124,10 +141,7 @@ def render_card(meta: Mapping[str, Any]) -> str:
         "",
         "## Splits",
         "",
-        "Patient-level: no subject_id is in two splits. Stratified on "
-        f"{_value(strat.get('keys'))}, seed {strat.get('seed')}"
-        + (", patients reused from a saved stratification_indices.json"
-           if strat.get("reused_indices") else "") + ".",
+        "Patient-level: no subject_id is in two splits. " + _split_source(meta),
         "",
         _table(("split", "records", "patients", "chunks", "target share"), split_rows),
         "",
