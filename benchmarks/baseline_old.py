@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
 
-    from transforms import fileio
+    from transforms import storage
     from transforms.images import preprocess_image
     from transforms.notes import NoteBuilder, load_text_resources
     from transforms.records import sample_from
@@ -79,7 +79,7 @@ def main() -> None:
             if not isinstance(sample, dict):
                 continue
             try:
-                image, box = preprocess_image(fileio.read_bytes(sample["cohort"].image_path))
+                image, box = preprocess_image(storage.read_bytes(sample["cohort"].image_path))
             except Exception:  # noqa: BLE001 - the old code skipped unreadable images
                 continue
             held.append(_old_record(sample, image, box))

@@ -40,7 +40,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from transforms import fileio, images, records, synthetic_images  # noqa: E402
+from transforms import images, records, storage, synthetic_images  # noqa: E402
 
 HEIGHT, WIDTH = 3056, 2544
 
@@ -141,7 +141,7 @@ def gil_contention(blobs: Sequence[bytes], size: int) -> None:
 
 
 def _work(path: str, size: int) -> int:
-    image, _ = images.preprocess_image(fileio.read_bytes(path), size=size)
+    image, _ = images.preprocess_image(storage.read_bytes(path), size=size)
     return image.shape[0]
 
 
@@ -276,9 +276,9 @@ def throughput(blobs: Sequence[bytes], size: int, count: int) -> None:
             Path(path).write_bytes(blobs[index % len(blobs)])  # distinct files, as on disk
             paths.append(path)
         for path in paths:
-            fileio.read_bytes(path)  # page cache warm
-        read = per_image_ms(lambda p: fileio.read_bytes(p), paths[:40], 3)
-        print(f"\nThroughput over {len(paths)} files (page cache warm; fileio.read_bytes "
+            storage.read_bytes(path)  # page cache warm
+        read = per_image_ms(lambda p: storage.read_bytes(p), paths[:40], 3)
+        print(f"\nThroughput over {len(paths)} files (page cache warm; storage.read_bytes "
               f"{read[0]:.2f} ms CPU a file), wall clock:")
         rates = {}
         for mode in ("1thread", "2threads", "2procs"):

@@ -12,14 +12,21 @@ subprocess so that peak memory is its own:
   without mmap;
 - bfloat16 and uint8 (`image_dtype`) deliveries, and the ceiling of any worker handing over
   float32 images: ms per image to fill fresh shared memory (vs private memory), and
-  `normalize_images` on this CPU.
+  `normalize_images` on this CPU;
+- `columns=` (labels and ids only) against whole records;
+- the shuffle's reach: distinct chunks per batch for the former default window (2 chunks)
+  and the default (4096 records), from the epoch order alone, and the memory a window holds;
+- gs:// from a local gcp-storage-emulator, with and without `prefetch`: first batch and
+  records/s over an epoch, for windows of 2 chunks and the default.
 
 Run:  .venv/bin/python benchmarks/bench_loader.py [--chunks 50] [--records 1000]
+          [--sections throughput,epoch,columns,shuffle,gcs]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import io
 import json
@@ -27,11 +34,13 @@ import math
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -104,9 +113,14 @@ def _peak_rss_mb() -> dict:
 
 
 def measure(
-    out_dir: str, workers: int, records: int, batch_size: int, image_dtype: str = "float32"
+    out_dir: str,
+    workers: int,
+    records: int,
+    batch_size: int,
+    image_dtype: str = "float32",
+    options: Optional[dict] = None,
 ) -> dict:
-    """One configuration, in this (fresh) process.
+    """One configuration, in this (fresh) process; `options` go to `ChunkedDataset`.
 
     Besides wall-clock rates it reports records per CPU-second of the loading processes (the
     workers, or this process with num_workers=0), a figure that other work on the machine
@@ -117,14 +131,15 @@ def measure(
     self_cpu = _cpu(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     ds = ChunkedDataset(out_dir, "train", batch_size=batch_size, seed=0,
-                        image_dtype=getattr(torch, image_dtype))
+                        image_dtype=getattr(torch, image_dtype), **(options or {}))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_records)
     it = iter(loader)
     batch = next(it)
     first = time.perf_counter() - t0
     channels = 1 if image_dtype == "uint8" else 3
-    assert batch["image_tensor"].shape[1:] == (channels, IMAGE_SIZE, IMAGE_SIZE)
+    if "image_tensor" in batch:
+        assert batch["image_tensor"].shape[1:] == (channels, IMAGE_SIZE, IMAGE_SIZE)
     seen = len(batch["record_id"])
     t1 = time.perf_counter()
     timed = 0
@@ -140,7 +155,7 @@ def measure(
     else:
         cpu = _cpu(resource.RUSAGE_SELF) - self_cpu
     rate = timed / elapsed
-    return {"workers": workers, "image_dtype": image_dtype, "records": seen,
+    return {"workers": workers, "image_dtype": image_dtype, **(options or {}), "records": seen,
             "first_batch_s": round(first, 3),
             "records_per_s": round(rate, 1),
             "records_per_s_per_worker": round(rate / max(workers, 1), 1),
@@ -184,13 +199,102 @@ def _cpu(who: int) -> float:
 
 
 def _subprocess(
-    out_dir: Path, workers: int, records: int, batch_size: int, image_dtype: str = "float32"
+    out_dir: Path | str,
+    workers: int,
+    records: int,
+    batch_size: int,
+    image_dtype: str = "float32",
+    options: Optional[dict] = None,
 ) -> dict:
     cmd = [sys.executable, __file__, "--_measure", str(out_dir), "--workers", str(workers),
            "--records", str(records), "--batch_size", str(batch_size),
-           "--image_dtype", image_dtype]
+           "--image_dtype", image_dtype, "--_options", json.dumps(options or {})]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def shuffle_reach(n_chunks: int, batch_size: int, record_mb: float) -> list[dict]:
+    """Distinct chunks per batch of the epoch order, for the former default window (2 chunks)
+    and the default; and what one window holds (its chunks, and the pages of its records)."""
+    from transforms.chunks.dataset import DEFAULT_SHUFFLE_WINDOW, _EpochOrder
+
+    counts = [RECORDS_PER_CHUNK] * n_chunks
+    results = []
+    for name, window in (("2 chunks (former default)", 2 * RECORDS_PER_CHUNK),
+                         (f"{DEFAULT_SHUFFLE_WINDOW} records (default)", DEFAULT_SHUFFLE_WINDOW)):
+        chunks = math.ceil(window / RECORDS_PER_CHUNK)
+        order = _EpochOrder(counts, 0, 0, True, chunks)
+        distinct, largest = [], []
+        for lo in range(0, len(order) - batch_size + 1, batch_size):
+            per_chunk = collections.Counter(order.locate(p)[0]
+                                            for p in range(lo, lo + batch_size))
+            distinct.append(len(per_chunk))
+            largest.append(max(per_chunk.values()))
+        results.append({
+            "window": name, "chunks_per_window": min(chunks, n_chunks),
+            "distinct_chunks_per_batch_mean": round(sum(distinct) / len(distinct), 1),
+            "distinct_chunks_per_batch_min": min(distinct),
+            "most_records_from_one_chunk_mean": round(sum(largest) / len(largest), 1),
+            "window_mb": round(min(chunks, n_chunks) * RECORDS_PER_CHUNK * record_mb),
+        })
+    return results
+
+
+def _emulator() -> tuple[subprocess.Popen, str]:
+    """A gcp-storage-emulator on loopback with a bucket; returns it and the bucket's URI."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).with_name("gcp-storage-emulator")
+    proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--in-memory"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    os.environ.setdefault("GOOGLE_CLOUD_PROJECT", "bench-project")
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    storage.Client(credentials=AnonymousCredentials()).create_bucket("bench-bucket")
+    return proc, "gs://bench-bucket"
+
+
+def gcs_prefetch(out_dir: Path, batch_size: int, tmp: Path) -> list[dict]:
+    """First batch and records/s over a whole epoch from the emulator, uint8 images in the
+    training process, each run with an empty download cache; with and without prefetch."""
+    from transforms.chunks.dataset import DEFAULT_PREFETCH, DEFAULT_SHUFFLE_WINDOW
+
+    proc, bucket = _emulator()
+    try:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(credentials=AnonymousCredentials())
+        for path in sorted(out_dir.rglob("*")):
+            if path.is_file():
+                client.bucket("bench-bucket").blob(
+                    f"out/{path.relative_to(out_dir).as_posix()}").upload_from_filename(path)
+        results = []
+        for window in (2 * RECORDS_PER_CHUNK, DEFAULT_SHUFFLE_WINDOW):
+            for prefetch in (0, DEFAULT_PREFETCH):
+                cache = tmp / f"cache-{window}-{prefetch}"
+                options = {"shuffle_window": window, "prefetch": prefetch,
+                           "cache_dir": str(cache)}
+                results.append(_subprocess(f"{bucket}/out", 0, 0, batch_size, "uint8",
+                                           options))
+                shutil.rmtree(cache, ignore_errors=True)
+        return results
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def hot_path_alternatives(size: int) -> dict:
@@ -262,37 +366,62 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--image_dtype", default="float32")
+    parser.add_argument("--gcs_chunks", type=int, default=12,
+                        help="chunks of the output served by the GCS emulator")
+    parser.add_argument("--sections", default="throughput,epoch,columns,shuffle,gcs",
+                        help="which measurements to run, comma-separated")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
+    parser.add_argument("--_options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
         print(json.dumps(measure(args._measure, args.workers, args.records, args.batch_size,
-                                 args.image_dtype)))
+                                 args.image_dtype, json.loads(args._options))))
         return
+    sections = set(args.sections.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
+        large, small, remote = tmp / "large", tmp / "small", tmp / "remote"
         t = time.perf_counter()
-        large, small = tmp / "large", tmp / "small"
-        write_output(large, args.chunks, IMAGE_SIZE)
         write_output(small, 5, IMAGE_SIZE)
-        print(f"wrote {args.chunks} + 5 chunks of {RECORDS_PER_CHUNK} records "
-              f"({IMAGE_SIZE}x{IMAGE_SIZE}) in {time.perf_counter() - t:.0f} s to {tmp}")
-        print("hot path, ms per image (1 thread):", json.dumps(hot_path_alternatives(IMAGE_SIZE)))
-        print("chunk open, ms:", json.dumps(chunk_open(small)))
-        for workers in (0, 1, 2):
-            print("throughput:", json.dumps(_subprocess(large, workers, args.records,
-                                                        args.batch_size)))
-        print("throughput:", json.dumps(_subprocess(large, 1, args.records, args.batch_size,
-                                                    "bfloat16")))
-        for workers in (1, 2):
-            print("throughput:", json.dumps(_subprocess(large, workers, args.records,
-                                                        args.batch_size, "uint8")))
-        print("ceiling, ms per image:", json.dumps(write_ceiling(args.batch_size)))
-        for name, out in (("5 chunks", small), (f"{args.chunks} chunks", large)):
-            for workers in (0, 1):
-                res = _subprocess(out, workers, 0, args.batch_size)
-                print(f"whole epoch, {name}:", json.dumps(res))
+        if sections & {"throughput", "epoch", "columns"}:
+            write_output(large, args.chunks, IMAGE_SIZE)
+        print(f"wrote chunks of {RECORDS_PER_CHUNK} records ({IMAGE_SIZE}x{IMAGE_SIZE}) in "
+              f"{time.perf_counter() - t:.0f} s to {tmp}")
+        if "throughput" in sections:
+            print("hot path, ms per image (1 thread):",
+                  json.dumps(hot_path_alternatives(IMAGE_SIZE)))
+            print("chunk open, ms:", json.dumps(chunk_open(small)))
+            for workers in (0, 1, 2):
+                print("throughput:", json.dumps(_subprocess(large, workers, args.records,
+                                                            args.batch_size)))
+            print("throughput:", json.dumps(_subprocess(large, 1, args.records,
+                                                        args.batch_size, "bfloat16")))
+            for workers in (1, 2):
+                print("throughput:", json.dumps(_subprocess(large, workers, args.records,
+                                                            args.batch_size, "uint8")))
+            print("ceiling, ms per image:", json.dumps(write_ceiling(args.batch_size)))
+        if "epoch" in sections:
+            for name, out in (("5 chunks", small), (f"{args.chunks} chunks", large)):
+                for workers in (0, 1):
+                    res = _subprocess(out, workers, 0, args.batch_size)
+                    print(f"whole epoch, {name}:", json.dumps(res))
+        if "columns" in sections:
+            for columns in (None, ["record_id", "labels"]):
+                options = {} if columns is None else {"columns": columns}
+                print("columns:", json.dumps(_subprocess(large, 0, args.records,
+                                                         args.batch_size, options=options)))
+        if "shuffle" in sections:
+            record_mb = os.path.getsize(small / chunk_relpath("train", 0, 5)) / 2**20
+            for row in shuffle_reach(max(args.chunks, 1000), args.batch_size,
+                                     record_mb / RECORDS_PER_CHUNK):
+                print("shuffle reach:", json.dumps(row))
+        if "gcs" in sections:
+            write_output(remote, args.gcs_chunks, IMAGE_SIZE)
+            for row in gcs_prefetch(remote, args.batch_size, tmp):
+                print("gcs emulator:", json.dumps(row))
         print("reproduce: cd", REPO, "&& .venv/bin/python benchmarks/bench_loader.py",
-              f"--chunks {args.chunks} --records {args.records} --batch_size {args.batch_size}")
+              f"--chunks {args.chunks} --records {args.records} --batch_size {args.batch_size}",
+              f"--gcs_chunks {args.gcs_chunks} --sections {args.sections}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

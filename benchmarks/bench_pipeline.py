@@ -82,7 +82,7 @@ def _cohort(roots: dict, path: Path) -> list:
 def _tight_worker(args) -> tuple[float, float, int]:
     """One process: load once, then text + image + record encoding for its share."""
     records, barrier_time = args
-    from transforms import fileio
+    from transforms import storage
     from transforms.chunks.format import encode_record
     from transforms.images import preprocess_image
     from transforms.notes import NoteBuilder, load_text_resources
@@ -100,7 +100,7 @@ def _tight_worker(args) -> tuple[float, float, int]:
             if not isinstance(sample, dict):
                 continue
             try:
-                image, box = preprocess_image(fileio.read_bytes(sample["cohort"].image_path))
+                image, box = preprocess_image(storage.read_bytes(sample["cohort"].image_path))
             except Exception:  # noqa: BLE001 - faults are dead letters in the pipeline too
                 continue
             encode_record(to_chunk_record({**sample, "image": image, "image_box": box}, ""))

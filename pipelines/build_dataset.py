@@ -24,20 +24,21 @@ from pipelines import cli
 from pipelines.local_runner import apply_runner_defaults, is_local
 from pipelines.malloc import limit_malloc_arenas
 from pipelines.config import DatasetConfig, DatasetOptions, config_from_options
-from transforms import dataset_card, fileio, schema
+from transforms import dataset_card, schema, storage
 from transforms.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError
-from transforms.images import MAIN_TAG as IMAGES_TAG
 from transforms.images import PreprocessImages
-from transforms.notes import NOTES_TAG, BuildNotes, check_text_config
+from transforms.notes import BuildNotes, check_text_config
 from transforms.progress import Progress
 from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger
-from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, sample_from
+from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, SAMPLES_TAG, sample_from
 from transforms.spill import REFS_TAG
 from transforms.splits import INDICES_NAME, OFFICIAL, SplitAssignment, SplitPatients
 from transforms.splits import WriteIndices, read_indices
 from transforms.tables import ReadTables, check_image_root, check_tables
-from transforms.write_chunks import SpillSamples, WriteChunks, WriteMetadata, check_output_dir
+from transforms.metadata import WriteMetadata, check_output_dir
+from transforms.spill import SpillSamples
+from transforms.write_chunks import WriteChunks
 
 SYNTHETIC_DIR_SUFFIX = "_synthetic_mimic"
 
@@ -84,7 +85,7 @@ def build_pipeline(
     if cfg.compute_indices_only:
         ledger = (tables[LEDGER_TAG], cohort[LEDGER_TAG]) | "Ledger" >> SumLedger()
         assignment | "WriteIndices" >> WriteIndices(
-            fileio.join(cfg.output_dir, INDICES_NAME), beam.pvalue.AsDict(ledger), JOIN_TABLES)
+            storage.join(cfg.output_dir, INDICES_NAME), beam.pvalue.AsDict(ledger), JOIN_TABLES)
         return
 
     progress = Progress()
@@ -106,14 +107,14 @@ def build_pipeline(
             top_k=cfg.retrieval_top_k,
         )
     )
-    images = notes[NOTES_TAG] | "PreprocessImages" >> PreprocessImages(
+    images = notes[SAMPLES_TAG] | "PreprocessImages" >> PreprocessImages(
         image_size=cfg.image_size,
         clahe=cfg.clahe_clip_limit > 0,
         clip_limit=cfg.clahe_clip_limit or 2.0,
         tile_grid=cfg.clahe_tile_grid,
         requester_pays_project=cfg.requester_pays_project,
     )
-    spilled = images[IMAGES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
+    spilled = images[SAMPLES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
     refs = spilled[REFS_TAG] | "LogProgress" >> progress.log()
     chunks = (refs, assignment) | "WriteChunks" >> WriteChunks(
         cfg.output_dir, cfg.chunk_size, cfg.seed
@@ -148,7 +149,7 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
     from pipelines.synthetic_mimic import generate
 
     folder = cfg.output_dir + SYNTHETIC_DIR_SUFFIX
-    stamp = fileio.join(folder, "generated.json")
+    stamp = storage.join(folder, "generated.json")
     params = {
         "n_patients": cfg.synthetic_patients,
         "seed": cfg.seed,
@@ -161,8 +162,8 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
         "split_missing": cfg.synthetic_patients // 100,
     }
     data = None
-    if fileio.exists(stamp):
-        saved = json.loads(fileio.read_bytes(stamp))
+    if storage.exists(stamp):
+        saved = json.loads(storage.read_bytes(stamp))
         if saved.get("params") == params:
             data = saved["roots"]
     if data is None:
@@ -174,7 +175,7 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
             "mimic_ed_dir": generated.mimic_ed_dir,
             "mimic_cxr_dir": generated.mimic_cxr_dir,
         }
-        fileio.write_bytes(stamp, json.dumps({"params": params, "roots": data}).encode())
+        storage.write_bytes(stamp, json.dumps({"params": params, "roots": data}).encode())
     return dataclasses.replace(cfg, **data)
 
 
@@ -236,10 +237,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     result.wait_until_finish()
     elapsed = time.monotonic() - started
     if cfg.compute_indices_only:
-        print(f"wrote {fileio.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
+        print(f"wrote {storage.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
         print(counters_text(result))
         return None
-    metadata = json.loads(fileio.read_bytes(fileio.join(cfg.output_dir, "metadata.json")))
+    metadata = json.loads(storage.read_bytes(storage.join(cfg.output_dir, "metadata.json")))
     print(summary_text(metadata, cfg.output_dir, elapsed))
     print(counters_text(result))
     return metadata
@@ -270,9 +271,9 @@ def summary_text(metadata: dict, output_dir: str, elapsed: float) -> str:
             f"{reason} {n}" for reason, n in sorted(metadata["dropped"].items()) if n) or "none"),
         "  failed: " + (", ".join(
             f"{reason} {n}" for reason, n in sorted(metadata["failed"].items()) if n) or "none"),
-        "  report: " + (fileio.join(output_dir, metadata["report"]) if metadata.get("report")
+        "  report: " + (storage.join(output_dir, metadata["report"]) if metadata.get("report")
                         else f"not written ({metadata.get('report_error')})"),
-        "  dataset card: " + fileio.join(output_dir, dataset_card.CARD_NAME),
+        "  dataset card: " + storage.join(output_dir, dataset_card.CARD_NAME),
     ]
     return "\n".join(lines)
 

@@ -44,6 +44,7 @@ from pipelines.config import (
     check_ratios,
     check_value,
 )
+from transforms import storage
 from transforms.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +86,8 @@ ASSUMPTIONS = {
     # Times each record's small reference crosses a shuffle (split grouping, chunk grouping);
     # the records themselves go through GCS (spill write, then read back by the chunk writer).
     "shuffle_passes": 2,
-    # Cloud Storage operations per record: writes (spill file, its temp-then-rename copy) and
-    # reads (the source JPEG, the spill file read back).
+    # Cloud Storage operations per record: writes (the spill file's one upload, its delete once
+    # chunked) and reads (the source JPEG, the spill file read back).
     "gcs_writes_per_record": 2,
     "gcs_reads_per_record": 2,
     # Dataflow's own worker processes and the OS (Dataflow's OOM guide: "typically < 1 GB").
@@ -268,7 +269,7 @@ def _check_types(raw: dict, source: str) -> dict[str, Any]:
 
 
 def _is_gs(path: str) -> bool:
-    return path.startswith("gs://")
+    return storage.is_gcs(path)
 
 
 def _check_path(values: dict, key: Setting, source: str, *, dataflow: bool, base: Path) -> None:

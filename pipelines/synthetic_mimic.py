@@ -65,13 +65,10 @@ import math
 import random
 import sys
 import time
-import uuid
 from typing import Any, Optional, Sequence
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
-from transforms import fileio, schema
+from transforms import schema, storage
 from transforms.synthetic_images import (
     DEFAULT_RADIOGRAPH_DIR,
     FAULT_KINDS,
@@ -567,7 +564,7 @@ class _Ids:
 
 
 class _CsvGz:
-    """A .csv.gz written streaming to a temporary name, published by `commit()`.
+    """A .csv.gz written streaming, published by `commit()` (`storage.open_write`).
 
     The gzip header carries no name and mtime 0, so equal rows give equal bytes.
     """
@@ -575,8 +572,7 @@ class _CsvGz:
     def __init__(self, path: str, columns: Sequence[str]) -> None:
         self.path = path
         self.rows = 0
-        self._tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        self._raw = FileSystems.create(self._tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+        self._raw = storage.open_write(path)
         self._gz = gzip.GzipFile(
             filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6
         )
@@ -597,16 +593,14 @@ class _CsvGz:
         self._text.flush()
         self._text.detach()
         self._gz.close()
-        self._raw.close()
 
     def commit(self) -> None:
-        fileio.delete([self.path])
-        FileSystems.rename([self._tmp], [self.path])
+        self._raw.commit()
 
     def discard(self) -> None:
         if not self._closed:
             self.close()
-        fileio.delete([self._tmp])
+        self._raw.discard()
 
 
 class _Generator:
@@ -920,7 +914,7 @@ class _Generator:
 
 
 def _root_dirs(output_dir: str) -> dict[str, str]:
-    return {root: fileio.join(output_dir, sub) for root, sub in _ROOT_SUBDIRS.items()}
+    return {root: storage.join(output_dir, sub) for root, sub in _ROOT_SUBDIRS.items()}
 
 
 def _validate(n_patients: int, image_height: int, image_width: int, image_pool: int,
@@ -1012,11 +1006,11 @@ def generate(
         has = [_GROUP_HAS[name] for name, count in plan.groups.items() for _ in range(count)]
         rng.shuffle(has)
     tables = {
-        name: _CsvGz(fileio.join(roots[spec.root], spec.relpath), spec.columns)
+        name: _CsvGz(storage.join(roots[spec.root], spec.relpath), spec.columns)
         for name, spec in schema.TABLES.items()
     }
-    answer_dir = fileio.join(output_dir, ANSWER_SUBDIR)
-    cohort = _CsvGz(fileio.join(answer_dir, "cohort.csv.gz"), ANSWER_COLUMNS)
+    answer_dir = storage.join(output_dir, ANSWER_SUBDIR)
+    cohort = _CsvGz(storage.join(answer_dir, "cohort.csv.gz"), ANSWER_COLUMNS)
     try:
         profile = _SMALL_PROFILE if plan is None else _MIMIC_PROFILE
         generator = _Generator(rng, tables, pool, profile, split_missing)
@@ -1096,13 +1090,9 @@ def generate(
 
 
 def _write_summary(answer_dir: str, summary: dict[str, Any]) -> None:
-    """summary.json, written to a temporary name and renamed."""
-    path = fileio.join(answer_dir, "summary.json")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        handle.write(json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
-    fileio.delete([path])
-    FileSystems.rename([tmp], [path])
+    """summary.json, written atomically."""
+    storage.write_bytes(storage.join(answer_dir, "summary.json"),
+                        json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def _choose_faults(rng: random.Random, images: Sequence[_Image], faults: int) -> dict[str, str]:

@@ -173,7 +173,7 @@ def test_resume_in_process_continues_the_epoch(output: Path) -> None:
         if len(before) == 12:
             break
     state = ds.state_dict()
-    assert state["epoch"] == 2 and state["consumed"] == 12
+    assert state["epoch"] == 2 and state["consumed"] == [[0, 12]]
     resumed = ChunkedDataset(str(output), "train", seed=5, batch_size=4)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     after = epoch_ids(resumed, batch_size=4)

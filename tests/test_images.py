@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import fileio, images, records
+from transforms import images, records, storage
 from transforms.ledger import LEDGER_TAG
 
 SIZES = (224, 518)
@@ -353,7 +353,7 @@ def test_pipeline_splits_good_images_from_every_dead_letter_kind(
 
     pipeline = test_pipeline.TestPipeline(options=_options())
     out = pipeline | beam.Create(samples) | images.PreprocessImages(image_size=size)
-    good, dead = out[images.MAIN_TAG], out[records.DEAD_LETTER_TAG]
+    good, dead = out[records.SAMPLES_TAG], out[records.DEAD_LETTER_TAG]
     assert_that(good | "Summarise" >> beam.Map(_summary), equal_to(expected_good), label="Good")
     assert_that(dead | "Keys" >> beam.Map(_dead_key), equal_to(expected_dead), label="Dead")
     # The ledger counts each failure where it happened, for the run's conservation check.
@@ -378,7 +378,7 @@ def test_pipeline_output_is_the_pure_function_output(radiograph_jpegs):
 
     with test_pipeline.TestPipeline(options=_options()) as pipeline:
         result = pipeline | beam.Create([sample]) | images.PreprocessImages()
-        fingerprints = result[images.MAIN_TAG] | beam.Map(
+        fingerprints = result[records.SAMPLES_TAG] | beam.Map(
             lambda s: (s["image"].tobytes(), s["image_box"].tobytes())
         )
         assert_that(
@@ -388,20 +388,17 @@ def test_pipeline_output_is_the_pure_function_output(radiograph_jpegs):
 
 
 def test_gcs_requester_pays_read(gcs_emulator, radiograph_jpegs, faulty_files):
-    from google.cloud import storage
+    from google.cloud import storage as gcs
 
-    bucket = storage.Client(project="test-project").bucket(gcs_emulator[len("gs://"):])
+    bucket = gcs.Client(project="test-project").bucket(gcs_emulator[len("gs://"):])
     real = radiograph_jpegs[0].read_bytes()
     bucket.blob("images/p10/real.jpg").upload_from_string(real)
     bucket.blob("images/p10/truncated.jpg").upload_from_string(real[: len(real) // 2])
     base = f"{gcs_emulator}/images/p10"
 
-    assert fileio.read_bytes(f"{base}/real.jpg", user_project="billed-project") == real
-    assert fileio._requester_pays_blob(f"{base}/real.jpg", "billed-project").user_project == (
-        "billed-project"
-    )
+    assert storage.read_bytes(f"{base}/real.jpg", user_project="billed-project") == real
     with pytest.raises(FileNotFoundError):
-        fileio.read_bytes(f"{base}/absent.jpg", user_project="billed-project")
+        storage.read_bytes(f"{base}/absent.jpg", user_project="billed-project")
 
     expected, expected_box = images.preprocess_image(real, size=224)
     samples = [
@@ -413,7 +410,7 @@ def test_gcs_requester_pays_read(gcs_emulator, radiograph_jpegs, faulty_files):
         result = pipeline | beam.Create(samples) | images.PreprocessImages(
             image_size=224, requester_pays_project="billed-project"
         )
-        good, dead = result[images.MAIN_TAG], result[records.DEAD_LETTER_TAG]
+        good, dead = result[records.SAMPLES_TAG], result[records.DEAD_LETTER_TAG]
         assert_that(
             good | "Bytes" >> beam.Map(lambda s: (s["image"].tobytes(), s["image_box"].tolist())),
             equal_to([(expected.tobytes(), expected_box.tolist())]),

@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from tests.test_features import TRIAGE, make_record
 from transforms.ledger import LEDGER_TAG
-from transforms import features, fileio, knowledge, notes, records
+from transforms import features, knowledge, notes, records, storage
 from transforms.errors import InputError
 
 MODEL_DIR = Path(knowledge.default_model_path())
@@ -370,9 +370,9 @@ def test_build_notes_in_a_pipeline(resources) -> None:
             | "Create" >> beam.Create(inputs + [_sample(bad)])
             | "Notes" >> notes.BuildNotes(max_text_length=128, batch_size=4)
         )
-        assert set(out) == {notes.NOTES_TAG, records.DEAD_LETTER_TAG, LEDGER_TAG}
+        assert set(out) == {records.SAMPLES_TAG, records.DEAD_LETTER_TAG, LEDGER_TAG}
         assert_that(out[LEDGER_TAG], equal_to([(notes.FAILED_TEXT, 1)]), label="Ledger")
-        assert_that(out[notes.NOTES_TAG] | "Canonical" >> beam.Map(_canonical),
+        assert_that(out[records.SAMPLES_TAG] | "Canonical" >> beam.Map(_canonical),
                     equal_to(expected), label="Samples")
         assert_that(out[records.DEAD_LETTER_TAG], equal_to([records.DeadLetter(
             "bad", bad.subject_id, bad.study_id, "text", records.FAIL_TEXT,
@@ -396,14 +396,14 @@ def test_gs_model_tokenizer_and_knowledge_base(gcs_emulator: str, resources) -> 
     """Everything from gs://: the model and tokenizer folders are copied once, then loaded."""
     root = f"{gcs_emulator}/text-config"
     for path in sorted(p for p in MODEL_DIR.rglob("*") if p.is_file()):
-        fileio.write_bytes(f"{root}/model/{path.relative_to(MODEL_DIR).as_posix()}",
+        storage.write_bytes(f"{root}/model/{path.relative_to(MODEL_DIR).as_posix()}",
                            path.read_bytes())
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
                  "special_tokens_map.json"):
-        fileio.write_bytes(f"{root}/tokenizer/{name}", (MODEL_DIR / name).read_bytes())
+        storage.write_bytes(f"{root}/tokenizer/{name}", (MODEL_DIR / name).read_bytes())
     lines = Path(knowledge.default_knowledge_base_path()).read_text().splitlines()
     small = [json.loads(l) for l in lines if json.loads(l)["topic"] in ("dyspnea", "falls")]
-    fileio.write_bytes(f"{root}/kb.jsonl",
+    storage.write_bytes(f"{root}/kb.jsonl",
                        "\n".join(json.dumps(s) for s in small).encode("utf-8"))
 
     notes.check_text_config(f"{root}/model", f"{root}/kb.jsonl", f"{root}/tokenizer")

@@ -19,8 +19,10 @@ from tests.chunk_fixtures import make_record, write_dataset
 from tests.test_end_to_end import _argv, synthetic  # noqa: F401 (a fixture)
 from transforms import report
 from transforms.chunks.format import decode_chunk
-from transforms.metadata import ChunkInfo, _SplitStatsFn, build_metadata, note_bin_width
-from transforms.spill import SpillRef, missing_features
+from transforms.chunks.record import missing_features
+from transforms.metadata import _SplitStatsFn, build_metadata, note_bin_width
+from transforms.spill import SpillRef
+from transforms.write_chunks import ChunkInfo
 from transforms.splits import SPLITS, SplitAssignment
 
 FEATURES = ("age", "heartrate", "o2sat")

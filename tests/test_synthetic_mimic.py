@@ -18,7 +18,7 @@ import pytest
 
 from pipelines import synthetic_mimic
 from pipelines.synthetic_mimic import GeneratedDataset, generate, study_time_text
-from transforms import fileio, schema
+from transforms import schema, storage
 from transforms.synthetic_images import FAULT_KINDS
 
 SMALL = dict(image_height=384, image_width=320, image_pool=4)
@@ -35,11 +35,11 @@ def roots_of(result: GeneratedDataset) -> dict[str, str]:
 
 def table_path(result: GeneratedDataset, name: str) -> str:
     spec = schema.TABLES[name]
-    return fileio.join(roots_of(result)[spec.root], spec.relpath)
+    return storage.join(roots_of(result)[spec.root], spec.relpath)
 
 
 def read_table(result: GeneratedDataset, name: str) -> list[dict[str, str]]:
-    with fileio.open_text_gz(table_path(result, name)) as handle:
+    with storage.open_text(table_path(result, name)) as handle:
         return list(csv.DictReader(handle))
 
 
@@ -380,24 +380,24 @@ def test_writes_to_gcs(gcs_emulator: str) -> None:
     )
     assert result.mimic_cxr_dir == f"{gcs_emulator}/synthetic/mimic-cxr-jpg"
     for name, spec in schema.TABLES.items():
-        with fileio.open_text_gz(table_path(result, name)) as handle:
+        with storage.open_text(table_path(result, name)) as handle:
             assert tuple(next(csv.reader(handle))) == spec.columns, name
     metadata = read_table(result, "metadata")
     assert len(metadata) == result.counts["images"]
-    images = fileio.list_files(f"{result.mimic_cxr_dir}/files/**")
+    images = storage.list_files(f"{result.mimic_cxr_dir}/files/**")
     assert len(images) == result.counts["images"] - 1  # the missing one
     missing = result.faults["missing"][0]
     assert not any(missing in path for path in images)
     faulted = {d for ids in result.faults.values() for d in ids}
     row = next(r for r in metadata if r["dicom_id"] not in faulted)
-    data = fileio.read_bytes(
-        fileio.join(result.mimic_cxr_dir, schema.image_relpath(
+    data = storage.read_bytes(
+        storage.join(result.mimic_cxr_dir, schema.image_relpath(
             int(row["subject_id"]), int(row["study_id"]), row["dicom_id"]))
     )
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert pixels.shape == (int(row["Rows"]), int(row["Columns"]))
     empty = result.faults["empty"][0]
-    assert [len(fileio.read_bytes(p)) for p in images if empty in p] == [0]
+    assert [len(storage.read_bytes(p)) for p in images if empty in p] == [0]
 
 
 def test_answer_is_the_cohort_recomputed_from_the_files(

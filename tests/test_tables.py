@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms import fileio, schema
+from transforms import schema, storage
 from transforms.errors import InputError
 from transforms.tables import ReadTables, check_tables, column_index, columns, iter_rows
 
@@ -46,18 +46,16 @@ def write_table(
     """
     spec = schema.TABLES[name]
     header = [c for c in spec.columns if c not in drop_columns]
-    path = fileio.join(roots[spec.root], spec.relpath)
-    if not path.startswith("gs://"):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fileio.write_bytes(path, csv_gz(header, ([r.get(c) for c in header] for r in rows)))
+    path = storage.join(roots[spec.root], spec.relpath)
+    storage.write_bytes(path, csv_gz(header, ([r.get(c) for c in header] for r in rows)))
     return path
 
 
 def make_roots(base: str) -> dict[str, str]:
     return {
-        schema.MIMIC_IV: fileio.join(base, "mimic-iv"),
-        schema.MIMIC_ED: fileio.join(base, "mimic-iv-ed"),
-        schema.MIMIC_CXR: fileio.join(base, "mimic-cxr-jpg"),
+        schema.MIMIC_IV: storage.join(base, "mimic-iv"),
+        schema.MIMIC_ED: storage.join(base, "mimic-iv-ed"),
+        schema.MIMIC_CXR: storage.join(base, "mimic-cxr-jpg"),
     }
 
 
@@ -96,14 +94,14 @@ def test_check_tables_reports_every_problem_at_once(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "ed/triage.csv.gz" in message
     assert "missing columns 'pain', 'chiefcomplaint'" in message
-    medrecon = fileio.join(roots[schema.MIMIC_ED], "ed/medrecon.csv.gz")
+    medrecon = storage.join(roots[schema.MIMIC_ED], "ed/medrecon.csv.gz")
     assert f"ed/medrecon.csv.gz not found: {medrecon}" in message
 
 
 def test_check_tables_names_missing_file(tmp_path: Path) -> None:
     roots = make_roots(str(tmp_path))
     write_empty_tables(roots, skip=["chexpert"])
-    expected = fileio.join(roots[schema.MIMIC_CXR], "mimic-cxr-2.0.0-chexpert.csv.gz")
+    expected = storage.join(roots[schema.MIMIC_CXR], "mimic-cxr-2.0.0-chexpert.csv.gz")
     with pytest.raises(InputError, match="mimic-cxr-2.0.0-chexpert.csv.gz not found: ") as caught:
         check_tables(roots)
     assert str(caught.value).endswith(expected)
@@ -112,7 +110,7 @@ def test_check_tables_names_missing_file(tmp_path: Path) -> None:
 def test_check_tables_names_a_file_that_is_not_gzip(tmp_path: Path) -> None:
     roots = make_roots(str(tmp_path))
     write_empty_tables(roots)
-    path = fileio.join(roots[schema.MIMIC_ED], "ed/edstays.csv.gz")
+    path = storage.join(roots[schema.MIMIC_ED], "ed/edstays.csv.gz")
     Path(path).write_bytes(b"subject_id,hadm_id,stay_id\n1,2,3\n")  # plain text, .gz name
     with pytest.raises(InputError, match=r"ed/edstays.csv.gz \(.*edstays.csv.gz\) cannot be read"):
         check_tables(roots)
@@ -150,7 +148,7 @@ def test_iter_rows_keeps_required_columns_as_compact_tuples(tmp_path: Path) -> N
                     "F", "WHITE", "AMBULANCE")
     assert "disposition" not in columns("edstays")  # an outcome: never read
 
-    triage_path = fileio.join(roots[schema.MIMIC_ED], "ed/triage.csv.gz")
+    triage_path = storage.join(roots[schema.MIMIC_ED], "ed/triage.csv.gz")
     first, second = iter_rows(schema.TABLES["triage"], triage_path)
     assert first[column_index("triage", "chiefcomplaint")] == 'Chest pain, "crushing"\nradiating'
     assert first[column_index("triage", "pain")] == "uta"
@@ -244,7 +242,7 @@ def test_gcs_round_trip(gcs_emulator: str) -> None:
                     label="StaysFromGcs")
 
     write_table(roots, "admissions", drop_columns=["dischtime"])
-    admissions = fileio.join(roots[schema.MIMIC_IV], "hosp/admissions.csv.gz")
+    admissions = storage.join(roots[schema.MIMIC_IV], "hosp/admissions.csv.gz")
     with pytest.raises(InputError) as caught:
         check_tables(roots, names=["patients", "admissions"])
     assert str(caught.value) == (

@@ -17,27 +17,22 @@ import torch
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from tests.test_splits import labels_with, make_cohort, runner_options
-from transforms import fileio
+from transforms import storage
 from transforms.chunks.format import decode_chunk, decode_record, encode_record
 from transforms.errors import InputError
 from transforms.records import DROP_NO_ED_STAY, DROP_NOT_FRONTAL, FAIL_IMAGE_TRUNCATED, FAIL_TEXT
 from transforms.records import CohortRecord, DeadLetter
 from transforms.ledger import LEDGER_TAG, SumLedger
-from transforms.spill import REFS_TAG, SpillRef, spill_path, to_chunk_record
+from transforms.metadata import WriteMetadata, check_output_dir
+from transforms.spill import REFS_TAG, SpillRef, SpillSamples, spill_path, to_chunk_record
 from transforms.splits import SPLITS, SplitAssignment, SplitPatients, read_indices
-from transforms.write_chunks import (
-    SpillSamples,
-    WriteChunks,
-    WriteMetadata,
-    _WriteChunkFn,
-    check_output_dir,
-    lay_out_split,
-)
+from transforms.write_chunks import WriteChunks, _WriteChunkFn, lay_out_split
 
 IMAGE = 16
 FEATURES = ("heartrate", "o2sat", "age", "pain")
 RATIOS = (0.7, 0.15, 0.15)
-CONFIG = {"chunk_size": 4, "seed": 42, "ratios": list(RATIOS), "image_size": IMAGE}
+CONFIG = {"chunk_size": 4, "seed": 42, "ratios": list(RATIOS), "image_size": IMAGE,
+          "max_text_length": 8192}
 
 
 def make_sample(record: CohortRecord) -> dict:
@@ -174,7 +169,7 @@ def test_chunk_writer_retried_after_it_deleted_its_records_emits_the_same_chunk(
     for record in cohort:
         data = encode_record(to_chunk_record(make_sample(record), ""))
         path = spill_path(out, record.record_id)
-        fileio.write_bytes(path, data)
+        storage.write_bytes(path, data)
         refs.append(SpillRef(record.record_id, 1, record.study_id, "s", record.labels, path,
                              len(data)))
     element = (("test", 0), [(i, 1, ref) for i, ref in reversed(list(enumerate(refs)))])

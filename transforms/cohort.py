@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import apache_beam as beam
 
-from transforms import fileio, records, schema
+from transforms import records, schema, storage
 from transforms.errors import InputError
 from transforms.ledger import LEDGER_TAG, Tally
 from transforms.tables import (
@@ -409,7 +409,7 @@ class _LinkSubjectFn(beam.DoFn):
                 hadm_id=stay.hadm_id,
                 view_position=view,
                 study_datetime=when_iso,
-                image_path=fileio.join(
+                image_path=storage.join(
                     self._image_root, schema.image_relpath(subject_id, study_id, dicom_id)
                 ),
                 patient=dict(patient) if patient is not None else None,

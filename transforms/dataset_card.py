@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from transforms import fileio
+from transforms import storage
 
 CARD_NAME = "DATASET_CARD.md"
 _SPLITS = ("train", "val", "test")
@@ -184,4 +184,4 @@ def render_card(meta: Mapping[str, Any]) -> str:
 
 def write_card(output_dir: str, meta: Mapping[str, Any]) -> None:
     """Writes DATASET_CARD.md under `output_dir` (local or gs://), atomically."""
-    fileio.write_bytes(fileio.join(output_dir, CARD_NAME), render_card(meta).encode())
+    storage.write_bytes(storage.join(output_dir, CARD_NAME), render_card(meta).encode())

@@ -30,15 +30,13 @@ from typing import Any, Iterator, Optional
 import apache_beam as beam
 import cv2
 import numpy as np
-from apache_beam.io.filesystem import BeamIOError
 from apache_beam.metrics import Metrics
 from PIL import Image, UnidentifiedImageError
 
-from transforms import fileio, records
+from transforms import records, storage
 from transforms.ledger import LEDGER_TAG, Tally
 
 STAGE = "image"
-MAIN_TAG = "samples"
 
 _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
@@ -299,8 +297,8 @@ class _PreprocessImageFn(beam.DoFn):
         record: records.CohortRecord = sample["cohort"]
         path = record.image_path
         try:
-            data = fileio.read_bytes(path, user_project=self._project)
-        except (FileNotFoundError, BeamIOError) as exc:
+            data = storage.read_bytes(path, user_project=self._project)
+        except FileNotFoundError as exc:
             yield self._dead(record, records.FAIL_IMAGE_MISSING, f"{type(exc).__name__}: {path}")
             return
         try:
@@ -331,8 +329,8 @@ class PreprocessImages(beam.PTransform):
 
     Ledger output (tag LEDGER_TAG): the failures counted (`transforms.ledger`).
 
-    Returns a DoOutputsTuple: `result[MAIN_TAG]`, `result[records.DEAD_LETTER_TAG]` and
-    `result[LEDGER_TAG]`. Counters (namespace "image"): images_processed and
+    Returns a dict of PCollections keyed by records.SAMPLES_TAG, records.DEAD_LETTER_TAG and
+    LEDGER_TAG. Counters (namespace "image"): images_processed and
     failed/<reason>.
 
     Errors that are not per-record (permission denied, a requester-pays bucket read without
@@ -357,7 +355,9 @@ class PreprocessImages(beam.PTransform):
             image_size, clahe, clip_limit, tile_grid, requester_pays_project or None
         )
 
-    def expand(self, samples: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-        return samples | "DecodeAndLetterbox" >> beam.ParDo(self._fn).with_outputs(
-            records.DEAD_LETTER_TAG, LEDGER_TAG, main=MAIN_TAG
+    def expand(self, samples: beam.PCollection) -> dict[str, beam.PCollection]:
+        out = samples | "DecodeAndLetterbox" >> beam.ParDo(self._fn).with_outputs(
+            records.DEAD_LETTER_TAG, LEDGER_TAG, main=records.SAMPLES_TAG
         )
+        return {tag: out[tag] for tag in (records.SAMPLES_TAG, records.DEAD_LETTER_TAG,
+                                          LEDGER_TAG)}

@@ -23,18 +23,17 @@ import math
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystem import BeamIOError
-from apache_beam.io.filesystems import FileSystems
 
-from transforms import dataset_card, fileio, report, schema
+from transforms import dataset_card, report, schema, storage
 from transforms import ledger as ledger_names
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, check_conservation
 from transforms.chunks.format import FORMAT_VERSION
+from transforms.chunks.record import SUMMARISED, Summary
 from transforms.errors import InputError
-from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
 from transforms.provenance import collect, package_versions
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.spill import TMP_DIR, SpillRef, tmp_dir
+from transforms.write_chunks import ChunkInfo
 from transforms.splits import (
     INDICES_NAME,
     SPLITS,
@@ -58,27 +57,6 @@ NOTE_TOKEN_BINS = 1024
 _LOG = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkInfo:
-    """One written chunk, as metadata.json lists it."""
-
-    path: str  # relative to the output dir, e.g. "train/train-00000-of-00003.pt"
-    split: str
-    index: int
-    records: int
-    bytes: int
-    sha256: str
-
-
-def _delete_tree(path: str) -> None:
-    """Deletes a directory (local) or every object under a prefix (gs://), if any."""
-    if path.startswith("gs://"):
-        if fileio.list_files(path.rstrip("/") + "/**"):
-            FileSystems.delete([path.rstrip("/") + "/"])
-    else:
-        fileio.delete([path])
-
-
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
     """Makes `output_dir` ready for a run, before any work.
 
@@ -92,19 +70,19 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     Raises:
         InputError: a complete output is there and `overwrite` is False.
     """
-    metadata = fileio.join(output_dir, METADATA_NAME)
-    if fileio.exists(metadata):
+    metadata = storage.join(output_dir, METADATA_NAME)
+    if storage.exists(metadata):
         if not overwrite:
             raise InputError(
                 f"{output_dir} already holds a complete output ({METADATA_NAME} is there); "
                 "pass --overwrite to replace it"
             )
         _LOG.info("Replacing the complete output in %s (--overwrite)", output_dir)
-        fileio.delete([metadata])
+        storage.delete([metadata])
     for name in _RUN_DIRS:
-        _delete_tree(fileio.join(output_dir, name))
-    fileio.delete([fileio.join(output_dir, report.REPORT_NAME),
-                   fileio.join(output_dir, dataset_card.CARD_NAME)])
+        storage.delete_tree(storage.join(output_dir, name))
+    storage.delete([storage.join(output_dir, report.REPORT_NAME),
+                   storage.join(output_dir, dataset_card.CARD_NAME)])
 
 
 def _label_class(value: float) -> str:
@@ -120,47 +98,139 @@ def note_bin_width(max_text_length: int, bins: int = NOTE_TOKEN_BINS) -> int:
     return max(1, math.ceil(max_text_length / bins))
 
 
-def _new_tally() -> dict:
-    return {
-        "records": 0,
-        "patients": set(),
-        "strata": collections.Counter(),
-        "labels": [collections.Counter() for _ in schema.CHEXPERT_LABELS],
-        "note_bins": collections.Counter(),  # bin index -> records
-        "note_sum": 0,
-        "note_at_limit": 0,
-        "note_min": None,
-        "note_max": None,
-        "missing": collections.Counter(),  # feature index -> records missing it
-    }
-
-
 def _extreme(pick, a: Optional[int], b: Optional[int]) -> Optional[int]:
     return b if a is None else a if b is None else pick(a, b)
 
 
+class _ClassCounts:
+    """Summary kind "classes": per position (`names`), records by class of value (1.0
+    positive, 0.0 negative, -1.0 uncertain, NaN missing, else other)."""
+
+    def __init__(self, summary: Summary, names: Sequence[str], limit: int) -> None:
+        self._key, self._names = summary.key, list(names)
+
+    def new(self) -> list[collections.Counter]:
+        return [collections.Counter() for _ in self._names]
+
+    def add(self, acc: list, fact: Sequence[float], record_id: str) -> None:
+        if len(fact) != len(self._names):
+            raise ValueError(f"record {record_id} has {len(fact)} {self._key}, not "
+                             f"{len(self._names)}")
+        for counter, value in zip(acc, fact):
+            counter[_label_class(value)] += 1
+
+    def merge(self, acc: list, other: list) -> None:
+        for counter, counts in zip(acc, other):
+            counter.update(counts)
+
+    def summary(self, acc: list, records: int) -> dict:
+        out = {}
+        for name, counts in zip(self._names, acc):
+            out[name] = {cls: counts.get(cls, 0) for cls in LABEL_CLASSES}
+            if counts.get("other"):
+                out[name]["other"] = counts["other"]
+        return out
+
+
+class _LengthHistogram:
+    """Summary kind "length": a histogram of lengths in at most NOTE_TOKEN_BINS fixed bins up
+    to the configured limit (lengths beyond it count at it), with min, max, mean and how many
+    reached the limit."""
+
+    def __init__(self, summary: Summary, names: Sequence[str], limit: int) -> None:
+        self._limit = int(limit)
+        self._bin_width = note_bin_width(self._limit)
+
+    def new(self) -> dict:
+        return {"bins": collections.Counter(), "sum": 0, "at_limit": 0, "min": None,
+                "max": None}
+
+    def add(self, acc: dict, fact: int, record_id: str) -> None:
+        acc["bins"][min(fact, self._limit) // self._bin_width] += 1
+        acc["sum"] += fact
+        acc["at_limit"] += fact >= self._limit
+        acc["min"] = _extreme(min, acc["min"], fact)
+        acc["max"] = _extreme(max, acc["max"], fact)
+
+    def merge(self, acc: dict, other: dict) -> None:
+        acc["bins"].update(other["bins"])
+        acc["sum"] += other["sum"]
+        acc["at_limit"] += other["at_limit"]
+        acc["min"] = _extreme(min, acc["min"], other["min"])
+        acc["max"] = _extreme(max, acc["max"], other["max"])
+
+    def summary(self, acc: dict, records: int) -> dict:
+        width = self._bin_width
+        return {
+            # Records per bin, by the bin's first length (a string key, JSON's only kind):
+            # start <= length < start + bin_width. Empty bins are left out.
+            "bin_width": width,
+            "counts": {str(i * width): n for i, n in sorted(acc["bins"].items())},
+            "at_max_text_length": acc["at_limit"],
+            "min": acc["min"],
+            "max": acc["max"],
+            "mean": round(acc["sum"] / records, 2) if records else None,
+        }
+
+
+class _MissingShares:
+    """Summary kind "missing": per position (`names`), the share of the split's records
+    where the mask marks it missing (the fact: the missing positions)."""
+
+    def __init__(self, summary: Summary, names: Sequence[str], limit: int) -> None:
+        self._names = list(names)
+
+    def new(self) -> collections.Counter:
+        return collections.Counter()  # position -> records missing it
+
+    def add(self, acc: collections.Counter, fact: Sequence[int], record_id: str) -> None:
+        if any(not 0 <= i < len(self._names) for i in fact):
+            raise ValueError(f"record {record_id} has missing-feature indices {fact} beyond "
+                             f"the {len(self._names)}")
+        acc.update(fact)
+
+    def merge(self, acc: collections.Counter, other: collections.Counter) -> None:
+        acc.update(other)
+
+    def summary(self, acc: collections.Counter, records: int) -> dict:
+        return {name: round(acc[i] / records, 6) if records else 0.0
+                for i, name in enumerate(self._names)}
+
+
+# The statistics of each summary kind (`record.SUMMARY_KINDS`).
+_SUMMARY_STATS = {"classes": _ClassCounts, "length": _LengthHistogram,
+                  "missing": _MissingShares}
+
+
 class _SplitStatsFn(beam.CombineFn):
-    """Per split: records, patients, records per stratum and per key, label classes, a
-    fixed-bin histogram of note tokens and per feature the records missing it.
+    """Per split: records, patients, records per stratum and per key, and each summarised
+    record field's statistics (`record.SUMMARISED`: label classes, a fixed-bin histogram of
+    note tokens, per feature the records missing it), from the facts on the `SpillRef`s.
 
     Args:
         feature_names: names of clinical_data's columns (`SpillRef.clinical_missing` indexes
             them).
         max_text_length: the run's --max_text_length (sets the histogram's bins).
+        label_names: names of the labels.
     """
 
-    def __init__(self, feature_names: Sequence[str], max_text_length: int) -> None:
-        self._feature_names = list(feature_names)
-        self._limit = int(max_text_length)
-        self._bin_width = note_bin_width(self._limit)
+    def __init__(self, feature_names: Sequence[str], max_text_length: int,
+                 label_names: Sequence[str] = schema.CHEXPERT_LABELS) -> None:
+        names = {"feature_names": list(feature_names), "label_names": list(label_names)}
+        limits = {"max_text_length": int(max_text_length)}
+        self._stats = {
+            f.summary.key: _SUMMARY_STATS[f.summary.kind](
+                f.summary, names.get(f.summary.names, ()), limits.get(f.summary.limit, 0))
+            for f in SUMMARISED
+        }
 
     def create_accumulator(self) -> dict[str, dict[str, Any]]:
         return {}
 
-    @staticmethod
-    def _tally(acc: dict, split: str) -> dict:
+    def _tally(self, acc: dict, split: str) -> dict:
         if split not in acc:
-            acc[split] = _new_tally()
+            acc[split] = {"records": 0, "patients": set(), "strata": collections.Counter(),
+                          "fields": {key: stat.new() for key, stat in self._stats.items()}}
         return acc[split]
 
     def add_input(self, acc: dict, element: tuple[str, SpillRef]) -> dict:
@@ -169,19 +239,8 @@ class _SplitStatsFn(beam.CombineFn):
         tally["records"] += 1
         tally["patients"].add(ref.subject_id)
         tally["strata"][ref.stratum] += 1
-        if len(ref.labels) != len(schema.CHEXPERT_LABELS):
-            raise ValueError(f"record {ref.record_id} has {len(ref.labels)} labels, not 14")
-        for counter, value in zip(tally["labels"], ref.labels):
-            counter[_label_class(value)] += 1
-        tally["note_bins"][min(ref.note_tokens, self._limit) // self._bin_width] += 1
-        tally["note_sum"] += ref.note_tokens
-        tally["note_at_limit"] += ref.note_tokens >= self._limit
-        tally["note_min"] = _extreme(min, tally["note_min"], ref.note_tokens)
-        tally["note_max"] = _extreme(max, tally["note_max"], ref.note_tokens)
-        if any(not 0 <= i < len(self._feature_names) for i in ref.clinical_missing):
-            raise ValueError(f"record {ref.record_id} has missing-feature indices "
-                             f"{ref.clinical_missing} beyond the {len(self._feature_names)}")
-        tally["missing"].update(ref.clinical_missing)
+        for key, stat in self._stats.items():
+            stat.add(tally["fields"][key], getattr(ref, key), ref.record_id)
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
@@ -192,64 +251,30 @@ class _SplitStatsFn(beam.CombineFn):
                 tally["records"] += other["records"]
                 tally["patients"] |= other["patients"]
                 tally["strata"].update(other["strata"])
-                for counter, counts in zip(tally["labels"], other["labels"]):
-                    counter.update(counts)
-                tally["note_bins"].update(other["note_bins"])
-                tally["note_sum"] += other["note_sum"]
-                tally["note_at_limit"] += other["note_at_limit"]
-                tally["note_min"] = _extreme(min, tally["note_min"], other["note_min"])
-                tally["note_max"] = _extreme(max, tally["note_max"], other["note_max"])
-                tally["missing"].update(other["missing"])
+                for key, stat in self._stats.items():
+                    stat.merge(tally["fields"][key], other["fields"][key])
         return merged
 
     def extract_output(self, acc: dict) -> dict[str, dict]:
+        return {split: self._summary(acc.get(split) or self._tally({}, split))
+                for split in SPLITS}
+
+    def _summary(self, tally: dict) -> dict:
+        """The metadata.json entry of one split from its tally."""
+        keys: dict[str, collections.Counter] = {key: collections.Counter() for key in
+                                                STRATIFICATION_KEYS}
+        for stratum, n in tally["strata"].items():
+            for key, value in zip(STRATIFICATION_KEYS, stratum.split("|")):
+                keys[key][value] += n
+        records = tally["records"]
         return {
-            split: split_summary(acc.get(split), self._feature_names, self._bin_width)
-            for split in SPLITS
+            "records": records,
+            "patients": len(tally["patients"]),
+            "strata": dict(sorted(tally["strata"].items())),
+            "stratification_keys": {k: dict(sorted(c.items())) for k, c in keys.items()},
+            **{key: stat.summary(tally["fields"][key], records)
+               for key, stat in self._stats.items()},
         }
-
-
-def split_summary(
-    tally: Optional[dict], feature_names: Sequence[str], note_bin_width: int
-) -> dict:
-    """The metadata.json entry of one split from its tally (None: an empty split)."""
-    if tally is None:
-        tally = _new_tally()
-    keys: dict[str, collections.Counter] = {key: collections.Counter() for key in
-                                            STRATIFICATION_KEYS}
-    for stratum, n in tally["strata"].items():
-        for key, value in zip(STRATIFICATION_KEYS, stratum.split("|")):
-            keys[key][value] += n
-    labels = {}
-    for name, counts in zip(schema.CHEXPERT_LABELS, tally["labels"]):
-        labels[name] = {cls: counts.get(cls, 0) for cls in LABEL_CLASSES}
-        if counts.get("other"):
-            labels[name]["other"] = counts["other"]
-    records = tally["records"]
-    return {
-        "records": records,
-        "patients": len(tally["patients"]),
-        "strata": dict(sorted(tally["strata"].items())),
-        "stratification_keys": {k: dict(sorted(c.items())) for k, c in keys.items()},
-        "labels": labels,
-        "note_tokens": {
-            # Records per bin, by the bin's first token count (a string key, JSON's only
-            # kind): start <= tokens < start + bin_width. Empty bins are left out.
-            "bin_width": note_bin_width,
-            "counts": {
-                str(i * note_bin_width): n for i, n in sorted(tally["note_bins"].items())
-            },
-            "at_max_text_length": tally["note_at_limit"],
-            "min": tally["note_min"],
-            "max": tally["note_max"],
-            "mean": round(tally["note_sum"] / records, 2) if records else None,
-        },
-        # Fraction of the split's records where the feature is missing (clinical_mask False).
-        "clinical_missing": {
-            name: round(tally["missing"][i] / records, 6) if records else 0.0
-            for i, name in enumerate(feature_names)
-        },
-    }
 
 
 def versions() -> dict[str, str]:
@@ -421,7 +446,7 @@ class _CommitFn(beam.DoFn):
             **assignment.arrived(),
         }, self._tables)
         out = self._output_dir
-        fileio.write_bytes(fileio.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
+        storage.write_bytes(storage.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
         check_failed_fraction(dead, ledger.get("cohort/records", 0), self._max_failed_fraction)
         meta = build_metadata(
             chunks=chunks,
@@ -431,20 +456,16 @@ class _CommitFn(beam.DoFn):
             assignment=assignment,
             **self._settings,
         )
-        fileio.write_bytes(fileio.join(out, INDICES_NAME), indices_bytes(assignment))
-        # Temporary names of writes that a retried bundle abandoned.
-        leftovers = [
-            path
-            for split in SPLITS
-            for path in fileio.list_files(fileio.join(out, split, "*.tmp-*"))
-        ]
-        fileio.delete(leftovers)
+        storage.write_bytes(storage.join(out, INDICES_NAME), indices_bytes(assignment))
+        # Temporary files of local writes that a failed bundle abandoned.
+        storage.delete(path for split in SPLITS
+                       for path in storage.temporaries(storage.join(out, split)))
         meta.update(report.publish_report(out, meta, self._report_examples))
         dataset_card.write_card(out, meta)
-        fileio.write_bytes(fileio.join(out, METADATA_NAME), metadata_bytes(meta))
+        storage.write_bytes(storage.join(out, METADATA_NAME), metadata_bytes(meta))
         try:
-            _delete_tree(tmp_dir(out))
-        except (OSError, BeamIOError) as err:
+            storage.delete_tree(tmp_dir(out))
+        except OSError as err:
             # The output is complete; leftovers only cost space, and a re-run clears them.
             _LOG.warning("Could not remove %s: %s", tmp_dir(out), type(err).__name__)
         yield meta
@@ -468,7 +489,7 @@ class WriteMetadata(beam.PTransform):
     Args:
         output_dir: local dir or gs:// URI of the dataset.
         config: the configuration recorded in metadata.json (JSON-serialisable); its
-            "max_text_length" (default: the notes stage's) sets the histogram's bins.
+            "max_text_length" sets the histogram's bins.
         image_size: side of the stored square images.
         feature_names: names of clinical_data's columns (default features.FEATURE_NAMES).
         label_names: names of the labels (default schema.CHEXPERT_LABELS).
@@ -510,7 +531,7 @@ class WriteMetadata(beam.PTransform):
             raise ValueError(f"report_examples must be >= 0, got {report_examples}")
         self._output_dir = output_dir.rstrip("/")
         self._report_examples = int(report_examples)
-        self._max_text_length = int(config.get("max_text_length", DEFAULT_MAX_TEXT_LENGTH))
+        self._max_text_length = int(config["max_text_length"])
         self._settings = {
             "config": dict(config),
             "image_size": int(image_size),
@@ -530,7 +551,8 @@ class WriteMetadata(beam.PTransform):
             inputs["refs"]
             | "SplitOfRef" >> beam.Map(_split_of_ref, assignment)
             | "SplitStats" >> beam.CombineGlobally(
-                _SplitStatsFn(self._settings["feature_names"], self._max_text_length))
+                _SplitStatsFn(self._settings["feature_names"], self._max_text_length,
+                              self._settings["label_names"]))
         )
         dead = inputs["dead_letters"] | "AllDeadLetters" >> beam.combiners.ToList()
         dropped = (

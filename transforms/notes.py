@@ -37,7 +37,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
-from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import features, knowledge, records
 from transforms.errors import InputError
@@ -45,7 +44,6 @@ from transforms.knowledge import KnowledgeRetriever, Snippet
 from transforms.ledger import LEDGER_TAG, Tally
 
 STAGE = "text"
-NOTES_TAG = "samples"
 METRICS_NAMESPACE = "notes"
 FAILED_TEXT = f"{METRICS_NAMESPACE}/failed/{records.FAIL_TEXT}"
 DEFAULT_MAX_TEXT_LENGTH = 8192
@@ -410,56 +408,41 @@ class NoteBuilder:
 
 # ----------------------------------------------------------------------------- Beam
 class _BuildNotesFn(beam.DoFn):
-    """Buffers up to batch_size samples of a bundle, builds their text in one go, and emits
-    each result in its own element's window and timestamp."""
+    """Builds the text of a batch of samples (`beam.BatchElements`) in one tokenizer call."""
 
     def __init__(self, embedding_model: Optional[str], knowledge_base: Optional[str],
-                 tokenizer: Optional[str], max_text_length: int, top_k: int,
-                 batch_size: int) -> None:
+                 tokenizer: Optional[str], max_text_length: int, top_k: int) -> None:
         self._paths = (embedding_model, knowledge_base, tokenizer)
         self._max_text_length = max_text_length
         self._top_k = top_k
-        self._batch_size = batch_size
-        self._built = Metrics.counter(METRICS_NAMESPACE, "notes_built")
         self._tally = Tally([FAILED_TEXT])
-        self._cache_hits = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_hits")
-        self._cache_misses = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_misses")
 
     def setup(self) -> None:
         # One load per process, shared by every instance and thread (see Shared).
         self._resources = shared_text_resources(*self._paths)
         self._builder = NoteBuilder(self._resources, self._max_text_length, self._top_k)
+        self._built = Metrics.counter(METRICS_NAMESPACE, "notes_built")
+        self._cache_hits = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_hits")
+        self._cache_misses = Metrics.counter(METRICS_NAMESPACE, "embedding_cache_misses")
 
     def start_bundle(self) -> None:
-        self._buffer: list[tuple[dict, Any, Any]] = []
         self._tally.start()
 
-    def process(self, sample: dict[str, Any], window=beam.DoFn.WindowParam,
-                timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
-        self._buffer.append((sample, window, timestamp))
-        if len(self._buffer) >= self._batch_size:
-            yield from self._flush()
-
-    def finish_bundle(self) -> Iterator[Any]:
-        yield from self._flush()
-        yield from self._tally.flush()
-
-    def _flush(self) -> Iterator[Any]:
-        batch, self._buffer = self._buffer, []
-        if not batch:
-            return
+    def process(self, batch: list[dict[str, Any]]) -> Iterator[Any]:
         stats = BuildStats()
-        results = self._builder.build([sample for sample, _, _ in batch], stats)
+        results = self._builder.build(batch, stats)
         self._built.inc(stats.built)
         self._tally.inc(FAILED_TEXT, stats.failed)
         self._cache_hits.inc(stats.cache["hits"])
         self._cache_misses.inc(stats.cache["misses"])
-        for (_, window, timestamp), result in zip(batch, results):
-            value = WindowedValue(result, timestamp, (window,))
+        for result in results:
             if isinstance(result, records.DeadLetter):
-                yield beam.pvalue.TaggedOutput(records.DEAD_LETTER_TAG, value)
+                yield beam.pvalue.TaggedOutput(records.DEAD_LETTER_TAG, result)
             else:
-                yield value
+                yield result
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._tally.flush()
 
 
 def check_text_config(
@@ -488,7 +471,7 @@ class BuildNotes(beam.PTransform):
 
     Input: sample dicts `{"cohort": records.CohortRecord, ...}`.
     Output: a dict of PCollections:
-        "samples" (NOTES_TAG): each input sample as a new dict with the keys "enhanced_note",
+        "samples" (records.SAMPLES_TAG): each input sample as a new dict with the keys "enhanced_note",
             "text_input_ids", "attention_segments", "clinical_data", "clinical_mask" and
             "retrieved_knowledge" added (see the module docstring).
         "dead_letter" (records.DEAD_LETTER_TAG): records.DeadLetter, stage "text", reason
@@ -504,7 +487,7 @@ class BuildNotes(beam.PTransform):
         tokenizer: tokenizer folder, local or gs:// (default: the embedding model's).
         max_text_length: most tokens per note, [CLS] and [SEP] included.
         top_k: knowledge snippets retrieved per record.
-        batch_size: samples buffered per tokenizer call within a bundle.
+        batch_size: samples per tokenizer call (batches form within a bundle).
 
     The settings are taken as given: the pipeline checks them once, before building the graph
     (`pipelines.config`, `check_text_config`).
@@ -520,15 +503,18 @@ class BuildNotes(beam.PTransform):
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         super().__init__()
-        self._fn_args = (embedding_model, knowledge_base, tokenizer, max_text_length, top_k,
-                         batch_size)
+        self._fn_args = (embedding_model, knowledge_base, tokenizer, max_text_length, top_k)
+        self._batch_size = batch_size
 
     def expand(self, samples: beam.PCollection) -> dict[str, beam.PCollection]:
-        built = samples | "BuildText" >> beam.ParDo(
-            _BuildNotesFn(*self._fn_args)
-        ).with_outputs(records.DEAD_LETTER_TAG, LEDGER_TAG, main=NOTES_TAG)
+        # Fixed-size batches, one tokenizer call each; a note's tokens do not depend on its
+        # batch (no padding), so batching changes speed, never bytes.
+        batches = samples | "Batch" >> beam.BatchElements(
+            min_batch_size=self._batch_size, max_batch_size=self._batch_size)
+        built = batches | "BuildText" >> beam.ParDo(_BuildNotesFn(*self._fn_args)).with_outputs(
+            records.DEAD_LETTER_TAG, LEDGER_TAG, main=records.SAMPLES_TAG)
         return {
-            NOTES_TAG: built[NOTES_TAG],
+            records.SAMPLES_TAG: built[records.SAMPLES_TAG],
             records.DEAD_LETTER_TAG: built[records.DEAD_LETTER_TAG],
             LEDGER_TAG: built[LEDGER_TAG],
         }

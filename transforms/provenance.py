@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
 import transforms
-from transforms import fileio
+from transforms import storage
 
 PROJECT_DISTRIBUTION = "mimic-multimodal-beam"
 # Every distribution whose change could change the output's bytes (decoding, resizing, CLAHE,
@@ -59,25 +60,19 @@ def package_versions() -> dict[str, str]:
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of one file, local or gs://."""
-    if not path.startswith("gs://"):
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
+    """sha256 of one file, local or gs://, read streaming."""
+    with storage.open_read(path) as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _folder_files(folder: str) -> dict[str, str]:
     """Relative path (with "/") -> full path of every file under `folder` (local or gs://);
     Python caches are left out."""
-    if folder.startswith("gs://"):
-        prefix = folder.rstrip("/") + "/"
-        paths = [p for p in fileio.list_files(prefix + "**") if not p.endswith("/")]
-        files = {p[len(prefix):]: p for p in paths}
-    else:
-        root = Path(folder)
-        if not root.is_dir():
-            raise FileNotFoundError(f"no such folder: {folder}")
-        files = {p.relative_to(root).as_posix(): str(p) for p in root.rglob("*") if p.is_file()}
+    prefix = storage.join(folder, "")
+    files = {p[len(prefix):].replace(os.sep, "/"): p
+             for p in storage.list_files(prefix + "**")}
+    if not files and not storage.is_gcs(folder) and not os.path.isdir(folder):
+        raise FileNotFoundError(f"no such folder: {folder}")
     return {rel: path for rel, path in files.items() if "__pycache__" not in rel.split("/")}
 
 

@@ -38,9 +38,11 @@ FAIL_REASONS = (
     FAIL_TEXT,
 )
 
-# Tag of the dead-letter output of every stage that has one.
-DEAD_LETTER_TAG = "dead_letter"
-DROPPED_TAG = "dropped"
+# Output tags. A stage with several outputs returns a dict of PCollections keyed by these
+# (and `ledger.LEDGER_TAG`); a stage with one output returns the PCollection itself.
+SAMPLES_TAG = "samples"  # sample dicts on their way through the text and image stages
+DEAD_LETTER_TAG = "dead_letter"  # records.DeadLetter of every stage that has any
+DROPPED_TAG = "dropped"  # reasons of images that are not records (the join)
 
 
 @dataclasses.dataclass(frozen=True)

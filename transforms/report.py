@@ -30,7 +30,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 from PIL import Image
 
-from transforms import fileio
+from transforms import storage
 from transforms.chunks.format import chunk_len, decode_chunk, record_at
 from transforms.splits import SPLITS as _SPLITS
 
@@ -95,7 +95,7 @@ def read_examples(output_dir: str, meta: Mapping[str, Any], per_split: int) -> l
                             key=lambda c: c["index"]):
             if taken >= per_split:
                 break
-            chunk = decode_chunk(fileio.read_bytes(fileio.join(output_dir, entry["path"])))
+            chunk = decode_chunk(storage.read_bytes(storage.join(output_dir, entry["path"])))
             for i in range(min(chunk_len(chunk), per_split - taken)):
                 examples.append(_example(record_at(chunk, i), meta["label_names"]))
                 taken += 1
@@ -471,12 +471,12 @@ def write_report(output_dir: str, meta: Mapping[str, Any],
                  examples: Sequence[Example] = ()) -> None:
     """Writes `render_report`'s files under `output_dir` (local or gs://), report.html last,
     and removes any other file in report/ (an earlier run's examples must not linger)."""
-    files = {fileio.join(output_dir, *relpath.split("/")): data
+    files = {storage.join(output_dir, *relpath.split("/")): data
              for relpath, data in render_report(meta, examples).items()}
-    fileio.delete(p for p in fileio.list_files(fileio.join(output_dir, REPORT_DIR, "*"))
+    storage.delete(p for p in storage.list_files(storage.join(output_dir, REPORT_DIR, "*"))
                   if p not in files)
     for path, data in files.items():
-        fileio.write_bytes(path, data)
+        storage.write_bytes(path, data)
 
 
 def publish_report(output_dir: str, meta: Mapping[str, Any], examples_per_split: int = 0
@@ -503,7 +503,7 @@ def publish_report(output_dir: str, meta: Mapping[str, Any], examples_per_split:
             detail += f": {message}" if message else ""
         _LOG.error("report not written (%s); the dataset is complete without it", detail)
         try:  # a half-written report must not pass for a whole one
-            fileio.delete([fileio.join(output_dir, REPORT_NAME)])
+            storage.delete([storage.join(output_dir, REPORT_NAME)])
         except OSError:
             pass
         return {"report": None, "report_error": detail}

@@ -16,11 +16,10 @@ import re
 from typing import Any, Iterator
 
 import apache_beam as beam
-import numpy as np
-import torch
 from apache_beam.metrics import Metrics
 
-from transforms import fileio
+from transforms import storage
+from transforms.chunks import record
 from transforms.chunks.format import encode_record
 from transforms.ledger import LEDGER_TAG, Tally
 from transforms.records import CohortRecord
@@ -41,14 +40,15 @@ class SpillRef:
     labels: tuple[float, ...]  # 14 CheXpert labels, NaN missing
     path: str  # the encode_record bytes (split "")
     nbytes: int
-    # Facts the dataset report needs, carried here so no heavy payload is shuffled for them.
+    # Facts the dataset report needs (`record.record_facts`: labels above, these, one per
+    # summarised field), carried here so no heavy payload is shuffled for them.
     note_tokens: int = 0  # tokens of the enhanced note (after truncation)
     clinical_missing: tuple[int, ...] = ()  # indices of the clinical features that are missing
 
 
 def tmp_dir(output_dir: str) -> str:
     """Where the run keeps its temporary files (removed once metadata.json is written)."""
-    return fileio.join(output_dir, TMP_DIR)
+    return storage.join(output_dir, TMP_DIR)
 
 
 def spill_path(output_dir: str, record_id: str) -> str:
@@ -57,52 +57,33 @@ def spill_path(output_dir: str, record_id: str) -> str:
     name = record_id if _SAFE_NAME.match(record_id) else "h-" + hashlib.sha256(
         record_id.encode()
     ).hexdigest()
-    return fileio.join(tmp_dir(output_dir), "records", f"{name}.pt")
-
-
-def _tensor(value: Any, dtype: np.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.array(value, dtype=dtype, copy=True, order="C"))
+    return storage.join(tmp_dir(output_dir), "records", f"{name}.pt")
 
 
 def to_chunk_record(sample: dict, split: str) -> dict:
     """The chunk format's per-record dict (torch tensors) of a preprocessed sample.
 
+    Each field (`record.FIELDS`) comes from the stage that fills it: the `CohortRecord`'s
+    attribute of its name, the sample's key of its name (the image and text stages' numpy
+    arrays and lists), or `split`.
+
     Args:
-        sample: `{"cohort": CohortRecord, "image", "image_box", "enhanced_note",
-            "text_input_ids", "attention_segments", "clinical_data", "clinical_mask",
-            "retrieved_knowledge"}` (numpy arrays), as the image and text stages leave it.
+        sample: `{"cohort": CohortRecord, ...}` with a key per image and text field.
         split: the record's split ("" while it is not known yet).
 
     Raises:
         KeyError: a stage's key is missing from the sample.
     """
     cohort: CohortRecord = sample["cohort"]
-    return {
-        "record_id": cohort.record_id,
-        "subject_id": int(cohort.subject_id),
-        "study_id": int(cohort.study_id),
-        "stay_id": int(cohort.stay_id),
-        "hadm_id": None if cohort.hadm_id is None else int(cohort.hadm_id),
-        "view_position": cohort.view_position,
-        "split": split,
-        "study_datetime": cohort.study_datetime,
-        "image": _tensor(sample["image"], np.uint8),
-        "image_box": _tensor(sample["image_box"], np.int32),
-        "enhanced_note": sample["enhanced_note"],
-        "text_input_ids": _tensor(sample["text_input_ids"], np.int32),
-        "attention_segments": [
-            [str(name), int(start), int(end)] for name, start, end in sample["attention_segments"]
-        ],
-        "clinical_data": _tensor(sample["clinical_data"], np.float32),
-        "clinical_mask": _tensor(sample["clinical_mask"], np.bool_),
-        "labels": _tensor(cohort.labels, np.float32),
-        "retrieved_knowledge": [str(k) for k in sample["retrieved_knowledge"]],
-    }
 
+    def stage_value(field: record.Field) -> Any:
+        if field.stage == "cohort":
+            return getattr(cohort, field.name)
+        if field.stage == "split":
+            return split
+        return sample[field.name]
 
-def missing_features(clinical_mask: Any) -> tuple[int, ...]:
-    """Indices of the features a clinical mask marks missing (False): a few small ints."""
-    return tuple(int(i) for i in np.flatnonzero(~np.asarray(clinical_mask, dtype=np.bool_)))
+    return record.from_stages(stage_value)
 
 
 REFS_TAG = "refs"
@@ -125,9 +106,10 @@ class _SpillFn(beam.DoFn):
 
     def process(self, sample: dict) -> Iterator[SpillRef]:
         cohort: CohortRecord = sample["cohort"]
-        data = encode_record(to_chunk_record(sample, split=""))
+        chunk_record = to_chunk_record(sample, split="")
+        data = encode_record(chunk_record)
         path = spill_path(self._output_dir, cohort.record_id)
-        fileio.write_bytes(path, data)
+        storage.write_bytes(path, data)
         self._tally.inc(SPILLED)
         self._bytes.inc(len(data))
         yield SpillRef(
@@ -135,11 +117,9 @@ class _SpillFn(beam.DoFn):
             subject_id=int(cohort.subject_id),
             study_id=int(cohort.study_id),
             stratum=record_stratum(cohort),
-            labels=tuple(float(v) for v in cohort.labels),
             path=path,
             nbytes=len(data),
-            note_tokens=len(sample["text_input_ids"]),
-            clinical_missing=missing_features(sample["clinical_mask"]),
+            **record.record_facts(chunk_record),
         )
 
 
@@ -148,7 +128,7 @@ class SpillSamples(beam.PTransform):
 
     Input: preprocessed sample dicts (see `to_chunk_record`), on the fused path right after
         the last preprocessing stage.
-    Output: a DoOutputsTuple: `SpillRef`s, one per sample (`result[REFS_TAG]`), and the
+    Output: a dict: `SpillRef`s, one per sample (`result[REFS_TAG]`), and the
         records spilled (`result[LEDGER_TAG]`, see `transforms.ledger`). No dead letters: a
         sample the chunk format rejects (wrong dtype or shape) is a programming error and
         fails the pipeline (ValueError), and storage errors are left to the runner's retries (the write is idempotent).
@@ -161,6 +141,7 @@ class SpillSamples(beam.PTransform):
         super().__init__()
         self._output_dir = output_dir.rstrip("/")
 
-    def expand(self, samples: beam.PCollection) -> beam.PCollection:
-        return samples | "SpillRecord" >> beam.ParDo(_SpillFn(self._output_dir)).with_outputs(
+    def expand(self, samples: beam.PCollection) -> dict[str, beam.PCollection]:
+        out = samples | "SpillRecord" >> beam.ParDo(_SpillFn(self._output_dir)).with_outputs(
             LEDGER_TAG, main=REFS_TAG)
+        return {REFS_TAG: out[REFS_TAG], LEDGER_TAG: out[LEDGER_TAG]}

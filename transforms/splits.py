@@ -57,7 +57,7 @@ from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 
-from transforms import fileio, schema
+from transforms import schema, storage
 from transforms.errors import InputError
 from transforms.ledger import ARRIVED_ASSIGNED_RECORDS, ARRIVED_SPLIT_TABLE_ROWS
 from transforms.records import CohortRecord
@@ -422,7 +422,7 @@ def indices_bytes(assignment: SplitAssignment) -> bytes:
 
 def write_indices(path: str, assignment: SplitAssignment) -> None:
     """Writes stratification_indices.json to `path` (local or gs://), atomically."""
-    fileio.write_bytes(path, indices_bytes(assignment))
+    storage.write_bytes(path, indices_bytes(assignment))
 
 
 def parse_indices(data: bytes, source: str = "stratification indices") -> SplitAssignment:
@@ -459,7 +459,7 @@ def read_indices(path: str) -> SplitAssignment:
         InputError: the file is missing or malformed (the message names it).
     """
     try:
-        data = fileio.read_bytes(path)
+        data = storage.read_bytes(path)
     except (FileNotFoundError, OSError) as err:
         raise InputError(
             f"--stratification_indices {path} cannot be read: {type(err).__name__}"

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
+
+from transforms import storage
 
 # Package data (setup.py, MANIFEST.in): a clone and an installed package both have them.
 DEFAULT_RADIOGRAPH_DIR = Path(__file__).resolve().parent / "radiographs"
@@ -165,35 +166,23 @@ class ImageTreeWriter:
 
     def __init__(self, root: str) -> None:
         self._root = root
-        self._remote = "://" in root
+        self._remote = storage.is_gcs(root)
         self._first: dict[int, str] = {}
         self._pending: list[tuple[str, str]] = []
 
     def _path(self, relpath: str) -> str:
-        if self._remote:
-            return self._root.rstrip("/") + "/" + relpath
-        return os.path.join(self._root, relpath)
+        return storage.join(self._root, relpath)
 
     def write(self, relpath: str, data: bytes) -> None:
-        """Writes `data` to `relpath`, replacing any file there (never through a link)."""
-        path = self._path(relpath)
-        if self._remote:
-            with FileSystems.create(path) as handle:
-                handle.write(data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        # Replace, not rewrite in place: the old file may be a hard link shared with others.
-        os.replace(tmp, path)
+        """Writes `data` to `relpath`, replacing any file there (never through a link: locally
+        a new file is renamed over the name, see `storage.write_bytes`)."""
+        storage.write_bytes(self._path(relpath), data)
 
     def remove(self, relpath: str) -> None:
         """Removes `relpath` if a previous run left a file there."""
         path = self._path(relpath)
         if self._remote:
-            if FileSystems.exists(path):
-                FileSystems.delete([path])
+            storage.delete([path])
         elif os.path.lexists(path):
             os.unlink(path)
 
@@ -223,6 +212,5 @@ class ImageTreeWriter:
     def flush(self) -> None:
         """Issues the pending server-side copies (gs:// only)."""
         if self._pending:
-            sources, targets = zip(*self._pending)
-            self._pending = []
-            FileSystems.copy(list(sources), list(targets))
+            pending, self._pending = self._pending, []
+            storage.copy(pending)

@@ -16,15 +16,13 @@ other value stays the raw string, for the feature stage to parse and flag.
 A row whose id or label does not parse is a fault of the table, not of one record: the read
 fails with an `InputError` naming the file, the line and the column, rather than guessing.
 
-PhysioNet's buckets are requester-pays: with `user_project`, gs:// tables are read through
-google-cloud-storage on a bucket handle billing that project (Beam's GCS filesystem cannot).
+PhysioNet's buckets are requester-pays: `user_project` is the project billed for the reads
+(see `transforms.storage`).
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import math
 import sys
 import zlib
@@ -32,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import apache_beam as beam
 
-from transforms import fileio, schema
+from transforms import schema, storage
 from transforms.errors import InputError
 from transforms.ledger import LEDGER_TAG, Tally
 
@@ -46,43 +44,7 @@ FLOAT_COLUMNS: dict[str, frozenset[str]] = {"chexpert": frozenset(schema.CHEXPER
 # Free-text fields (e.g. chief complaints) may exceed csv's 128 KiB default.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
-
-
-def _storage_errors() -> tuple[type[Exception], ...]:
-    """Errors of GCS calls (403 without a billing project, ...), when the gcp extra is there."""
-    try:
-        from google.api_core.exceptions import GoogleAPICallError
-    except ImportError:
-        return ()
-    return (GoogleAPICallError,)
-
-
-_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error, csv.Error) + _storage_errors()
-
-
-def _requester_pays(path: str, user_project: Optional[str]) -> bool:
-    return bool(user_project) and path.startswith("gs://")
-
-
-def open_table(path: str, user_project: Optional[str] = None) -> io.TextIOBase:
-    """Opens a table (.csv.gz or .csv, local or gs://) for streaming text reads.
-
-    Args:
-        path: local path or gs:// URI.
-        user_project: GCP project billed for gs:// reads (requester-pays buckets).
-    """
-    if not _requester_pays(path, user_project):
-        return fileio.open_text_gz(path)
-    raw = fileio._requester_pays_blob(path, user_project).open("rb")
-    binary = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-    return io.TextIOWrapper(binary, encoding="utf-8", newline="")
-
-
-def table_exists(path: str, user_project: Optional[str] = None) -> bool:
-    """Whether a table file exists (billing `user_project` for gs:// paths when given)."""
-    if _requester_pays(path, user_project):
-        return fileio._requester_pays_blob(path, user_project).exists()
-    return fileio.exists(path)
+_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error, csv.Error)
 
 
 def columns(name: str) -> tuple[str, ...]:
@@ -104,7 +66,7 @@ def table_path(spec: schema.TableSpec, roots: dict[str, str]) -> str:
     root = roots.get(spec.root)
     if not root:
         raise InputError(f"--{spec.root} is not set (needed for {spec.relpath})")
-    return fileio.join(root.rstrip("/"), spec.relpath)
+    return storage.join(root.rstrip("/"), spec.relpath)
 
 
 def _display(spec: schema.TableSpec, path: str) -> str:
@@ -116,7 +78,7 @@ def _read_header(
 ) -> list[str]:
     """The header of one table, read without touching the rest of the file."""
     try:
-        with open_table(path, user_project) as handle:
+        with storage.open_text(path, user_project) as handle:
             header = next(csv.reader(handle), None)
     except _READ_ERRORS as err:
         raise InputError(
@@ -179,8 +141,8 @@ def check_tables(
 
 def _checked_exists(spec: schema.TableSpec, path: str, user_project: Optional[str]) -> bool:
     try:
-        return table_exists(path, user_project)
-    except _storage_errors() + (OSError,) as err:
+        return storage.exists(path, user_project)
+    except OSError as err:
         hint = "" if user_project else " (a requester-pays bucket needs --requester_pays_project)"
         raise InputError(
             f"cannot check {_display(spec, path)}: {type(err).__name__}: {err}{hint}"
@@ -215,15 +177,15 @@ def check_image_root(
         if (row[at["ViewPosition"]] or "").strip().upper() in frontal:
             relpath = schema.image_relpath(row[at["subject_id"]], row[at["study_id"]],
                                            row[at["dicom_id"]])
-            paths.append(fileio.join(image_root.rstrip("/"), relpath))
+            paths.append(storage.join(image_root.rstrip("/"), relpath))
             if len(paths) >= sample:
                 break
     if not paths:
         return  # no frontal image at all: the cohort is empty, which the run reports
     try:
-        if any(table_exists(path, user_project) for path in paths):
+        if any(storage.exists(path, user_project) for path in paths):
             return
-    except _storage_errors() + (OSError,) as err:
+    except OSError as err:
         raise InputError(
             f"cannot check the images under {image_root}: {type(err).__name__}: {err}"
         ) from err
@@ -325,7 +287,7 @@ def iter_rows(
     """
     display = _display(spec, path)
     try:
-        with open_table(path, user_project) as handle:
+        with storage.open_text(path, user_project) as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if not header:

@@ -5,10 +5,11 @@ within a split they are ordered by a sha256 of (seed, record_id), so chunk `i` h
 records at positions [i * chunk_size, (i + 1) * chunk_size) of that order: every chunk is full
 but the last of each split, and names and contents do not depend on bundling or worker count.
 Only refs cross the two GroupByKeys; the writer reads one chunk's records back from their
-temporary files, writes the chunk atomically (temporary name, then rename) and deletes them.
+temporary files, writes the chunk atomically (`transforms.storage.write_bytes`) and deletes
+them.
 
-The pipeline's output stages, in order (see `WriteChunks`, `transforms.spill.SpillSamples`
-and `transforms.metadata.WriteMetadata`, re-exported here):
+The pipeline's output stages, in order (`transforms.spill.SpillSamples`, `WriteChunks`,
+`transforms.metadata.WriteMetadata`):
 
     refs = samples | SpillSamples(output_dir)
     chunks = (refs, assignment) | WriteChunks(output_dir, chunk_size, seed)
@@ -17,6 +18,7 @@ and `transforms.metadata.WriteMetadata`, re-exported here):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from typing import Iterable, Iterator
@@ -24,23 +26,23 @@ from typing import Iterable, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import fileio
+from transforms import storage
 from transforms.chunks.format import chunk_relpath, decode_chunk, decode_record, encode_chunk
-from transforms.metadata import ChunkInfo, WriteMetadata, check_output_dir
-from transforms.spill import SpillRef, SpillSamples, to_chunk_record
+from transforms.spill import SpillRef, to_chunk_record
 from transforms.splits import SplitAssignment
 
-__all__ = [
-    "ChunkInfo",
-    "SpillRef",
-    "SpillSamples",
-    "WriteChunks",
-    "WriteMetadata",
-    "check_output_dir",
-    "chunk_count",
-    "lay_out_split",
-    "to_chunk_record",
-]
+
+@dataclasses.dataclass(frozen=True)
+class ChunkInfo:
+    """One written chunk, as metadata.json lists it."""
+
+    path: str  # relative to the output dir, e.g. "train/train-00000-of-00003.pt"
+    split: str
+    index: int
+    records: int
+    bytes: int
+    sha256: str
+
 
 # ((split, chunk index), (offset in the chunk, chunks in the split, ref))
 Slot = tuple[tuple[str, int], tuple[int, int, SpillRef]]
@@ -105,13 +107,13 @@ class _WriteChunkFn(beam.DoFn):
         count = slots[0][1]
         refs = [ref for _, _, ref in slots]
         relpath = chunk_relpath(split, index, count)
-        path = fileio.join(self._output_dir, relpath)
+        path = storage.join(self._output_dir, relpath)
         try:
             data = self._encode(refs, split, index, count)
         except FileNotFoundError:
             data = self._written_before(path, refs)
         else:
-            fileio.write_bytes(path, data)
+            storage.write_bytes(path, data)
         info = ChunkInfo(
             path=relpath,
             split=split,
@@ -121,7 +123,7 @@ class _WriteChunkFn(beam.DoFn):
             sha256=hashlib.sha256(data).hexdigest(),
         )
         del data
-        fileio.delete([ref.path for ref in refs])
+        storage.delete([ref.path for ref in refs])
         self._chunks.inc()
         self._records.inc(len(refs))
         yield info
@@ -130,7 +132,7 @@ class _WriteChunkFn(beam.DoFn):
     def _encode(refs: list[SpillRef], split: str, index: int, count: int) -> bytes:
         records = []
         for ref in refs:
-            record = decode_record(fileio.read_bytes(ref.path))
+            record = decode_record(storage.read_bytes(ref.path))
             record["split"] = split
             records.append(record)
         return encode_chunk(records, split=split, index=index, count=count)
@@ -138,11 +140,11 @@ class _WriteChunkFn(beam.DoFn):
     @staticmethod
     def _written_before(path: str, refs: list[SpillRef]) -> bytes:
         """A retried bundle whose first attempt wrote the chunk and deleted its records."""
-        if not fileio.exists(path):
+        if not storage.exists(path):
             raise FileNotFoundError(
                 f"the temporary records of {path} are missing and the chunk was never written"
             )
-        data = fileio.read_bytes(path)
+        data = storage.read_bytes(path)
         if decode_chunk(data)["record_id"] != [ref.record_id for ref in refs]:
             raise ValueError(f"{path} exists with other records and its temporaries are gone")
         return data
@@ -154,7 +156,7 @@ class WriteChunks(beam.PTransform):
     Input: a tuple `(refs, assignment)`: the `SpillRef`s of `SpillSamples`, and the
         one-element `SplitAssignment` PCollection of `splits.SplitPatients` (read here as a
         side input).
-    Output: `metadata.ChunkInfo`, one per chunk written to
+    Output: `ChunkInfo`, one per chunk written to
         `{output_dir}/{split}/{split}-{index:05d}-of-{count:05d}.pt`: every chunk holds
         exactly `chunk_size` records but the last of each split. No dead letters: a record
         that failed upstream never became a ref, so it takes no place in any chunk.

@@ -3,11 +3,15 @@
     from transforms.chunks import ChunkedDataset, collate_records
     ds = ChunkedDataset("gs://bucket/out", "train", batch_size=32, seed=0)
     loader = DataLoader(ds, batch_size=32, num_workers=4, collate_fn=collate_records)
+
+Mid-epoch resume works through torchdata's `StatefulDataLoader` (optional) or the dataset's
+own `state_dict()`, on any number of workers and ranks; see `IterableChunkedDataset`.
 """
 
 from transforms.chunks.dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TRAINING_FIELDS,
     ChunkedDataset,
     IterableChunkedDataset,
     MapChunkedDataset,
@@ -37,6 +41,7 @@ __all__ = [
     "IMAGENET_STD",
     "METADATA_NAME",
     "RECORD_FIELDS",
+    "TRAINING_FIELDS",
     "ChunkIntegrityError",
     "ChunkedDataset",
     "IncompleteOutputError",

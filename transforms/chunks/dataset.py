@@ -4,16 +4,24 @@ Two modes, chosen by `mode=` (both are `ChunkedDataset` instances):
 
 - "iterable" (default, for training): a `torch.utils.data.IterableDataset` that reads chunks
   sequentially. Each epoch shuffles the chunk order, then the records within windows of
-  consecutive chunks, reproducibly from (seed, epoch). It shards across distributed ranks
-  (equal counts per rank) and DataLoader workers, and resumes mid-epoch from `state_dict()`.
+  consecutive chunks (4096 records by default), reproducibly from (seed, epoch). It shards
+  across distributed ranks (equal counts per rank) and DataLoader workers, and resumes
+  mid-epoch, through torchdata's `StatefulDataLoader` or its own `state_dict()`, on any
+  number of workers and ranks (see `IterableChunkedDataset`).
 - "map" (for evaluation and random access): `len(ds)` and `ds[i]`, a global index found in the
   chunks through cumulative counts and `bisect`. Shuffle and shard with the DataLoader's
   sampler (`DistributedSampler` across ranks); the shuffle/rank options do not apply.
 
 Memory stays bounded whatever the dataset size: a process holds at most `cache_chunks` decoded
 chunks (in iterable mode, at least the chunks of one shuffle window), memory-mapped, and never
-reads the other chunks up front. Each chunk is checked against metadata.json (size always,
-sha256 when `verify`) the first time a process reads it.
+reads the other chunks up front: its resident memory is the pages of the records it read from
+them, at most one window's (about 0.3 MB a record at 518 x 518, file-backed and reclaimable).
+Each chunk is checked against metadata.json (size always, sha256 when `verify`) the first time
+a process reads it. gs:// chunks are downloaded into a capped local cache, the next ones in
+background threads (`prefetch`).
+
+`columns=` keeps only some fields of each record; an image not asked for is neither
+normalised nor masked, the loader's main costs.
 
 Each record is a dict:
     image_tensor        float32 [C, S, S] (or image_dtype), (uint8 / 255 - mean) / std per
@@ -37,13 +45,22 @@ from __future__ import annotations
 import bisect
 import collections
 import math
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.utils.data
 
 from transforms.chunks.errors import ChunkIntegrityError
+from transforms.chunks.record import (
+    LIST_COLUMNS,
+    PADDED_KEYS,
+    TRAINING_FIELDS,
+    Loading,
+    training_record,
+)
+from transforms.storage import is_gcs
+from transforms.chunks.prefetch import ChunkPrefetcher, prefetch_depth
 from transforms.chunks.storage import (
     DEFAULT_CACHE_BYTES,
     ChunkStore,
@@ -53,8 +70,9 @@ from transforms.chunks.storage import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PADDED_KEYS = ("text_input_ids", "text_attention_mask")
 MODES = ("iterable", "map")
+DEFAULT_SHUFFLE_WINDOW = 4096
+DEFAULT_PREFETCH = 8
 
 
 class _Normalizer:
@@ -128,14 +146,13 @@ def normalize_images(
 
 
 class _LoadedChunk:
-    """A decoded chunk with the per-record offsets and boxes as Python lists."""
+    """A decoded chunk with the columns its records' training forms read as Python lists."""
 
-    __slots__ = ("data", "offsets", "boxes")
+    __slots__ = ("data", "lists")
 
     def __init__(self, data: dict) -> None:
         self.data = data
-        self.offsets = data["text_offsets"].tolist()
-        self.boxes = data["image_box"].tolist()
+        self.lists = {column: data[column].tolist() for column in LIST_COLUMNS}
 
     def training_record(
         self,
@@ -144,41 +161,14 @@ class _LoadedChunk:
         image_out: Optional[torch.Tensor] = None,
         mask_out: Optional[torch.Tensor] = None,
     ) -> dict:
-        """Record `i` for training; its image and mask go into `image_out` and `mask_out`
-        (slots of a batch buffer) when given."""
-        data = self.data
-        image = data["image"][i]
-        top, left, height, width = self.boxes[i]
-        if mask_out is None:
-            mask = torch.zeros(image.shape, dtype=torch.bool)
-        else:
-            mask = mask_out.zero_()
-        mask[top : top + height, left : left + width] = True
-        start, end = self.offsets[i], self.offsets[i + 1]
-        ids = data["text_input_ids"][start:end].to(torch.int64)
-        # Small tensors are copied: a view would keep (and, across DataLoader worker
-        # processes, move into shared memory) the whole chunk's storage.
-        return {
-            "record_id": data["record_id"][i],
-            "subject_id": data["subject_id"][i],
-            "study_id": data["study_id"][i],
-            "stay_id": data["stay_id"][i],
-            "hadm_id": data["hadm_id"][i],
-            "view_position": data["view_position"][i],
-            "split": data["split"],
-            "study_datetime": data["study_datetime"][i],
-            "image_tensor": normalize(image, image_out),
-            "attention_mask": mask,
-            "image_box": data["image_box"][i].clone(),
-            "enhanced_note": data["enhanced_note"][i],
-            "text_input_ids": ids,
-            "text_attention_mask": torch.ones(end - start, dtype=torch.int64),
-            "attention_segments": [list(s) for s in data["attention_segments"][i]],
-            "clinical_data": data["clinical_data"][i].clone(),
-            "clinical_mask": data["clinical_mask"][i].clone(),
-            "labels": data["labels"][i].clone(),
-            "retrieved_knowledge": list(data["retrieved_knowledge"][i]),
-        }
+        """Record `i` for training (`record.training_record`); its image and mask go into
+        `image_out` and `mask_out` (slots of a batch buffer) when given."""
+        return training_record(self.data, i, Loading(self.lists, normalize, image_out, mask_out))
+
+
+def _no_image(image: torch.Tensor, out: Optional[torch.Tensor] = None) -> None:
+    """The normaliser of a record read without its image (`columns=`): no work."""
+    return None
 
 
 def _distributed_rank_world() -> tuple[int, int]:
@@ -212,8 +202,9 @@ class ChunkedDataset(torch.utils.data.Dataset):
         seed: iterable mode: the shuffle seed (non-negative); the order is a function of
             (seed, epoch, the manifest) and of nothing else.
         shuffle_window: iterable mode: records are shuffled within windows of this many
-            records, rounded up to whole chunks, of the chunk-shuffled stream; default
-            `cache_chunks` chunks. A process holds the chunks of one window at once.
+            records, rounded up to whole chunks, of the chunk-shuffled stream (a batch of 32
+            then draws from ~26 chunks, where windows of 2 chunks gave 2). A process holds
+            the chunks of one window at once, and the pages of the records it read of them.
         batch_size: iterable mode: the DataLoader's batch size (recommended). The stream is
             cut into blocks of batch_size records; workers take them in turn, which the
             DataLoader's round robin puts back in order, so the stream is the same for any
@@ -238,6 +229,10 @@ class ChunkedDataset(torch.utils.data.Dataset):
         drop_last: iterable mode: with several ranks, drop the epoch's last records so that
             every rank gets N // world_size; otherwise (default) the epoch wraps around to
             its first records so that every rank gets ceil(N / world_size).
+        columns: the record fields to load (see the module docstring); default all.
+        prefetch: gs:// chunks each process downloads ahead of its reads, in as many
+            threads; fewer where they would not fit in `cache_bytes` (shared by the
+            DataLoader workers); 0 downloads each chunk at its first read.
 
     Raises:
         IncompleteOutputError: no metadata.json in output_dir.
@@ -262,7 +257,7 @@ class ChunkedDataset(torch.utils.data.Dataset):
         mode: Optional[str] = None,
         shuffle: bool = True,
         seed: int = 0,
-        shuffle_window: Optional[int] = None,
+        shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         batch_size: Optional[int] = None,
         cache_chunks: int = 2,
         cache_dir: Optional[str] = None,
@@ -275,6 +270,8 @@ class ChunkedDataset(torch.utils.data.Dataset):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         drop_last: bool = False,
+        columns: Optional[Sequence[str]] = None,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
         if mode is not None and mode != self._mode:
             raise ValueError(f"{type(self).__name__} is mode {self._mode!r}, not {mode!r}")
@@ -284,8 +281,13 @@ class ChunkedDataset(torch.utils.data.Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if shuffle_window is not None and shuffle_window < 1:
+        if shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if columns is not None and (not columns or set(columns) - set(TRAINING_FIELDS)):
+            raise ValueError(f"columns must be a non-empty subset of {TRAINING_FIELDS}, got "
+                             f"{list(columns)}")
         if rank is None or world_size is None:
             default_rank, default_world = _distributed_rank_world()
             rank = default_rank if rank is None else rank
@@ -315,19 +317,22 @@ class ChunkedDataset(torch.utils.data.Dataset):
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
+        self.columns = None if columns is None else frozenset(columns)
+        self.prefetch = prefetch
         largest = max(self.counts, default=1)
-        if shuffle_window is None:
-            self.window_chunks = cache_chunks
-        else:
-            self.window_chunks = max(1, math.ceil(shuffle_window / largest))
+        self.window_chunks = max(1, math.ceil(shuffle_window / largest))
         self.epoch = 0
         self._epoch_set = True  # the next iteration runs self.epoch, not the one after it
-        self._consumed = 0
-        self._resume: Optional[tuple[int, int]] = None
+        self._base: list = []  # the epoch's positions consumed before this iteration
+        self._yielded = 0
+        self._resume: Optional[tuple[int, list, int]] = None
+        self._prefetcher: Optional[ChunkPrefetcher] = None
+        self._scratch: Optional[torch.Tensor] = None  # the unused masks of `columns=`
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_cache"] = collections.OrderedDict()  # decoded chunks stay in their process
+        state["_prefetcher"] = None  # its threads too
         return state
 
     def _chunk(self, j: int, capacity: int) -> _LoadedChunk:
@@ -337,6 +342,8 @@ class ChunkedDataset(torch.utils.data.Dataset):
             return chunk
         while len(self._cache) >= capacity:
             self._cache.popitem(last=False)
+        if self._prefetcher is not None:
+            self._prefetcher.advance((j,))  # the next downloads start while this one is read
         data = self.store.load(self.chunks[j])
         shape = tuple(data["image"].shape[1:])
         if self.image_size is not None and shape != (self.image_size, self.image_size):
@@ -348,8 +355,30 @@ class ChunkedDataset(torch.utils.data.Dataset):
         self._cache[j] = chunk
         return chunk
 
+    def _selected_record(
+        self,
+        chunk: _LoadedChunk,
+        i: int,
+        image_out: Optional[torch.Tensor] = None,
+        mask_out: Optional[torch.Tensor] = None,
+    ) -> dict:
+        """`training_record` kept to `columns`: an image not asked for is not normalised and
+        its mask goes to a scratch buffer, the loader's main costs."""
+        if self.columns is None:
+            return chunk.training_record(i, self._normalize, image_out, mask_out)
+        normalize = self._normalize if "image_tensor" in self.columns else _no_image
+        if "attention_mask" not in self.columns:
+            mask_out = self._scratch_mask(tuple(chunk.data["image"].shape[1:]))
+        record = chunk.training_record(i, normalize, image_out, mask_out)
+        return {key: value for key, value in record.items() if key in self.columns}
+
+    def _scratch_mask(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._scratch is None or tuple(self._scratch.shape) != shape:
+            self._scratch = torch.empty(shape, dtype=torch.bool)
+        return self._scratch
+
     def _record(self, j: int, i: int, capacity: int) -> dict:
-        record = self._chunk(j, capacity).training_record(i, self._normalize)
+        record = self._selected_record(self._chunk(j, capacity), i)
         if self.transform is not None:
             record = self.transform(record)
         return record
@@ -366,12 +395,17 @@ class ChunkedDataset(torch.utils.data.Dataset):
             return []
         size = tuple(self._chunk(locations[0][0], capacity).data["image"].shape[1:])
         channels = self._normalize.channels
-        images = _batch_buffer((len(locations), channels, *size), self._normalize.dtype)
-        masks = _batch_buffer((len(locations), *size), torch.bool)
+        n = len(locations)
+        images = masks = None
+        if self.columns is None or "image_tensor" in self.columns:
+            images = _batch_buffer((n, channels, *size), self._normalize.dtype)
+        if self.columns is None or "attention_mask" in self.columns:
+            masks = _batch_buffer((n, *size), torch.bool)
         records = []
         for k, (j, i) in enumerate(locations):
-            record = self._chunk(j, capacity).training_record(
-                i, self._normalize, images[k], masks[k]
+            record = self._selected_record(
+                self._chunk(j, capacity), i,
+                None if images is None else images[k], None if masks is None else masks[k],
             )
             if self.transform is not None:
                 record = self.transform(record)
@@ -451,112 +485,324 @@ class _EpochOrder:
         return pairs
 
 
+def _merge(intervals: Iterable[Sequence[int]]) -> list[list[int]]:
+    """Sorted, disjoint, non-empty [start, end) intervals covering the same positions."""
+    merged: list[list[int]] = []
+    for start, end in sorted((int(a), int(b)) for a, b in intervals if b > a):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+class _Remaining:
+    """The epoch's positions outside `consumed` (merged intervals), in order, by offset."""
+
+    def __init__(self, consumed: Sequence[Sequence[int]], n: int) -> None:
+        self.intervals: list[tuple[int, int]] = []
+        previous = 0
+        for start, end in consumed:
+            if start > previous:
+                self.intervals.append((previous, start))
+            previous = end
+        if n > previous:
+            self.intervals.append((previous, n))
+        self.starts = [0]
+        for start, end in self.intervals:
+            self.starts.append(self.starts[-1] + end - start)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def position(self, offset: int) -> int:
+        k = bisect.bisect_right(self.starts, offset) - 1
+        return self.intervals[k][0] + offset - self.starts[k]
+
+    def take(self, lo: int, hi: int) -> list[list[int]]:
+        """The positions of offsets [lo, hi), as intervals."""
+        out = []
+        for (start, end), first in zip(self.intervals, self.starts):
+            a, b = max(lo, first), min(hi, first + end - start)
+            if a < b:
+                out.append([start + a - first, start + b - first])
+        return out
+
+
+def _rank_length(remaining: int, world_size: int, drop_last: bool) -> int:
+    if drop_last:
+        return remaining // world_size
+    return -(-remaining // world_size)
+
+
+def _consumed_after(
+    base: Sequence[Sequence[int]], n: int, world_size: int, drop_last: bool, records: int
+) -> list[list[int]]:
+    """The epoch's consumed positions once each of `world_size` ranks, having started from
+    `base`, has consumed `records` of its stream (ranks move in step: one batch each)."""
+    remaining = _Remaining(base, n)
+    length = _rank_length(len(remaining), world_size, drop_last)
+    records = min(max(int(records), 0), length)
+    consumed = [list(c) for c in base]
+    for rank in range(world_size):
+        lo = rank * length
+        consumed += remaining.take(lo, min(lo + records, len(remaining)))
+    return _merge(consumed)
+
+
+def _worker_blocks(length: int, worker: int, workers: int, block: int) -> Iterator[range]:
+    """Worker `worker`'s share of a rank stream of `length` records: blocks of `block`
+    offsets, the workers taking them in turn."""
+    for lo in range(worker * block, length, workers * block):
+        yield range(lo, min(lo + block, length))
+
+
+def _loader_dataset_state(state: dict) -> dict:
+    """The dataset state in a torchdata `StatefulDataLoader` state: of its one process, or of
+    the worker that delivered the last batch, moved on by the batches since the snapshot."""
+    if "_snapshot" not in state:
+        return state["dataset_state"]  # num_workers=0: taken when the state was
+    workers = state["_snapshot"]["_worker_snapshots"].values()
+    states = [w["dataset_state"] for w in workers if w and w.get("dataset_state")]
+    if not states:
+        raise ValueError("the loader state holds no ChunkedDataset state")
+    latest = max(states, key=lambda s: (s["epoch"], s["worker"]["rank_records"] or 0))
+    worker = latest["worker"]
+    if worker["rank_records"] is None:
+        raise ValueError(
+            f"a loader state of {worker['workers']} workers taken without the dataset's "
+            f"batch_size cannot resume on other workers or ranks: give ChunkedDataset the "
+            f"DataLoader's batch_size"
+        )
+    steps = int(state.get("_steps_since_snapshot", 0))
+    records = worker["rank_records"] + steps * (worker["batch_size"] or 1)
+    consumed = _consumed_after(worker["base"], latest["records"], worker["world_size"],
+                               worker["drop_last"], records)
+    return {key: latest[key] for key in ("epoch", "seed", "records")} | {"consumed": consumed}
+
+
 class IterableChunkedDataset(ChunkedDataset, torch.utils.data.IterableDataset):
     """A split as a stream, shuffled per epoch, sharded over ranks and workers, resumable.
 
-    The epoch's order of the whole split is a function of (seed, epoch) and the manifest.
-    Rank r takes positions [r * L, (r + 1) * L) of it, L = `len(ds)` records, the same for
-    every rank. Within a rank, DataLoader workers share the rank's records (see `batch_size`).
+    Order: the epoch's order of the whole split is a function of (seed, epoch) and the
+    manifest. Rank r of W takes the r-th of W equal contiguous parts of it (ceil(N / W) records
+    each, the last part padded by wrapping around to the first records; or N // W with
+    `drop_last`), so that a rank reads its own chunks. Within a rank, DataLoader workers take blocks of
+    `batch_size` records in turn; the DataLoader's round robin puts them back in order, so
+    what the training loop sees does not depend on num_workers.
 
     Epochs: call `set_epoch(e)` before each epoch, as with `DistributedSampler`. An iteration
     that starts with no `set_epoch` (or `load_state_dict`) since the previous one runs the
     next epoch: so persistent DataLoader workers, which never see `set_epoch`, still follow
     a loop over consecutive epochs.
 
-    Resuming: `state_dict()` says the epoch and how many records of this rank's stream were
-    consumed; after `load_state_dict(state)` the next iteration yields the rest of that epoch,
-    so the records before and after add up to the epoch exactly. The dataset counts the
-    records it yielded itself only when it runs in the training process (num_workers=0);
-    with workers, pass the count the training loop saw: `state_dict(consumed=batches *
-    batch_size)`, and give the dataset the DataLoader's `batch_size` so the stream's order does
-    not depend on the workers.
+    Resuming: the state is the epoch and the set of its positions consumed by all ranks
+    together (ranks consume in step, one batch each per training step), so it is the same on
+    every rank and holds no world size or worker count. Resumed, the ranks share the epoch's
+    remaining positions as above, in order: the records before and after add up to the
+    epoch, with repeats only in the padding that keeps ranks equal. Three ways to take it:
+
+    - torchdata's `StatefulDataLoader`: `loader.state_dict()` / `loader.load_state_dict()`
+      snapshot and restore each worker's place: exactly the rest of the uninterrupted epoch,
+      for the same num_workers and world size (the loader itself requires the same
+      num_workers). To resume on another num_workers or world size, load the loader's state
+      into the dataset instead: `ds.load_state_dict(loader.state_dict())` before building the
+      new loader (this needs the dataset's `batch_size` with more than one worker).
+    - a plain `DataLoader`: `ds.state_dict(consumed=batches * batch_size)`, the records this
+      rank consumed since the iteration began (the dataset cannot count them in workers).
+    - num_workers=0: `ds.state_dict()` counts the records it yielded.
     """
 
     _mode = "iterable"
 
     def __len__(self) -> int:
-        """Records this rank yields per epoch (summed over its DataLoader workers)."""
-        if self.drop_last:
-            return self.num_records // self.world_size
-        return math.ceil(self.num_records / self.world_size)
+        """Records this rank yields per whole epoch (summed over its DataLoader workers)."""
+        return _rank_length(self.num_records, self.world_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch whose order the next iteration yields."""
         if epoch != self.epoch:
             self._resume = None
+            self._base = []
         self.epoch = int(epoch)
         self._epoch_set = True
-        self._consumed = 0
+        self._yielded = 0
 
     def state_dict(self, consumed: Optional[int] = None) -> dict:
-        """Where this rank stands: its epoch and the records of it consumed so far.
+        """Where the epoch stands: the same dict on every rank, loadable on any world size.
 
         Args:
-            consumed: records of this rank's epoch the training loop has consumed; default the
+            consumed: records this rank has consumed since the iteration began; default the
                 count this process yielded (right with num_workers=0 only).
+
+        Returns:
+            {"epoch", "seed", "records", "consumed": [[start, end], ...] positions of the
+            epoch's order}; inside a DataLoader worker (torchdata's `StatefulDataLoader`
+            snapshots each), also "worker": that worker's place in its schedule.
         """
-        return {
+        records = self._yielded if consumed is None else int(consumed)
+        info = torch.utils.data.get_worker_info()
+        in_worker = info is not None and consumed is None
+        worker = None
+        if in_worker:
+            records, worker = self._worker_place(info.id, info.num_workers)
+        state = {
             "epoch": self.epoch,
-            "consumed": self._consumed if consumed is None else int(consumed),
             "seed": self.seed,
-            "world_size": self.world_size,
+            "records": self.num_records,
+            "consumed": _consumed_after(self._base, self.num_records, self.world_size,
+                                        self.drop_last, records or 0),
+        }
+        if worker is not None:
+            state["worker"] = worker
+        return state
+
+    def _worker_place(self, worker: int, workers: int) -> tuple[Optional[int], dict]:
+        """This worker's records yielded, and the records of the rank's stream delivered up
+        to its last one: all of them before it, the DataLoader delivering batches in order
+        (None where its blocks are not batches, so that the others' are unknown)."""
+        length = _rank_length(len(_Remaining(self._base, self.num_records)), self.world_size,
+                              self.drop_last)
+        block = self._block(length, workers)
+        rank_records: Optional[int] = 0
+        if self._yielded:
+            last = self._yielded - 1
+            rank_records = (worker + last // block * workers) * block + last % block + 1
+        if self.batch_size is None and workers > 1:
+            rank_records = None
+        return rank_records, {
+            "id": worker, "workers": workers, "world_size": self.world_size,
+            "batch_size": self.batch_size, "drop_last": self.drop_last,
+            "base": self._base, "yielded": self._yielded, "rank_records": rank_records,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Makes the next iteration continue the epoch of `state` after its consumed records.
+        """Makes the next iteration continue the epoch of `state` on this rank.
+
+        Args:
+            state: `state_dict()` of any rank of any world size, or a `StatefulDataLoader`'s
+                `state_dict()` (whatever its num_workers).
 
         Raises:
-            ValueError: the state was taken with another seed or world size, or is out of range.
+            ValueError: a state of another seed or split, or of a DataLoader worker restored
+                into another worker count or world size.
         """
-        for key in ("seed", "world_size"):
-            if key in state and state[key] != getattr(self, key):
-                mine = getattr(self, key)
-                raise ValueError(f"state has {key} {state[key]}, this dataset {mine}")
-        consumed = int(state["consumed"])
-        if not 0 <= consumed <= len(self):
-            raise ValueError(f"state consumed {consumed} records of an epoch of {len(self)}")
+        if "_snapshot" in state or "_num_yielded" in state:
+            state = _loader_dataset_state(state)
+        if state["seed"] != self.seed:
+            raise ValueError(f"state has seed {state['seed']}, this dataset {self.seed}")
+        if state["records"] != self.num_records:
+            raise ValueError(f"state is of a split of {state['records']} records, this "
+                             f"dataset has {self.num_records}")
+        base, skip = _merge(state["consumed"]), 0
+        if base and (base[0][0] < 0 or base[-1][1] > self.num_records):
+            raise ValueError(f"state consumed {base} lies outside [0, {self.num_records})")
+        info = torch.utils.data.get_worker_info()
+        worker = state.get("worker")
+        if worker is not None and info is not None:  # StatefulDataLoader restoring a worker
+            mine = {"id": info.id, "workers": info.num_workers, "world_size": self.world_size,
+                    "batch_size": self.batch_size, "drop_last": self.drop_last}
+            theirs = {key: worker[key] for key in mine}
+            if theirs != mine:
+                raise ValueError(
+                    f"a DataLoader worker's state {theirs} cannot restore worker {mine}: to "
+                    f"resume on other workers or ranks, call ds.load_state_dict("
+                    f"loader.state_dict()) and do not load the state into the loader"
+                )
+            base, skip = worker["base"], worker["yielded"]
         self.epoch = int(state["epoch"])
         self._epoch_set = True
-        self._consumed = consumed
-        self._resume = (self.epoch, consumed)
+        self._base = base
+        self._yielded = skip
+        self._resume = (self.epoch, base, skip)
 
-    def _blocks(self, skip: int) -> Iterator[range]:
-        """This process's share of the rank's stream, as ranges of stream offsets in order.
-
-        The rank's stream is offsets [skip, len(self)); blocks of `batch_size` (default: one
-        block per worker) go to the workers in turn, worker w taking blocks w, w + K, ...
-        """
-        remaining = len(self) - skip
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        block = self.batch_size or max(1, math.ceil(remaining / workers))
-        for lo in range(worker * block, remaining, workers * block):
-            yield range(skip + lo, skip + min(lo + block, remaining))
+    def _block(self, length: int, workers: int) -> int:
+        return self.batch_size or max(1, math.ceil(length / workers))
 
     def __iter__(self) -> Iterator[dict]:
+        # Eager, not a generator: torchdata's StatefulDataLoader takes the state right after
+        # iter(), and it must be the new iteration's.
         if not self._epoch_set:
             self.epoch += 1
         self._epoch_set = False
+        base: list = []
         skip = 0
         if self._resume is not None and self._resume[0] == self.epoch:
-            skip = self._resume[1]
+            _, base, skip = self._resume
         self._resume = None
-        self._consumed = skip
-        if self.num_records == 0:
+        self._base, self._yielded = base, skip
+        return self._stream(base, skip)
+
+    def _stream(self, base: list, skip: int) -> Iterator[dict]:
+        remaining = _Remaining(base, self.num_records)
+        length = _rank_length(len(remaining), self.world_size, self.drop_last)
+        if length == 0:
             return
-        order = _EpochOrder(self.counts, self.seed, self.epoch, self.shuffle, self.window_chunks)
-        capacity = max(self.cache_chunks, self.window_chunks)
-        first = self.rank * len(self)
-        for block in self._blocks(skip):
-            # Positions past the end wrap around to the epoch's first records: equal rank counts.
-            locations = (order.locate((first + k) % self.num_records) for k in block)
-            if self.batch_size is None:
-                records = (self._record(j, i, capacity) for j, i in locations)
-            else:
-                records = self._batch_records(list(locations), capacity)
-            for record in records:
-                self._consumed += 1
-                yield record
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        block = self._block(length, workers)
+        first = self.rank * length
+
+        def positions(offsets: range) -> Iterator[int]:
+            # Past the end of the remaining positions: the padding wraps to their first.
+            for k in offsets:
+                yield remaining.position((first + k) % len(remaining))
+
+        def own_offsets() -> Iterator[range]:
+            left = skip
+            for offsets in _worker_blocks(length, worker, workers, block):
+                if left >= len(offsets):
+                    left -= len(offsets)
+                    continue
+                yield offsets[left:]
+                left = 0
+
+        order = self._order()
+        capacity = self._capacity()
+        self._prefetcher = self._start_prefetch(positions, own_offsets)
+        try:
+            for offsets in own_offsets():
+                locations = [order.locate(p) for p in positions(offsets)]
+                if self.batch_size is None:
+                    records = (self._record(j, i, capacity) for j, i in locations)
+                else:
+                    records = self._batch_records(locations, capacity)
+                for record in records:
+                    self._yielded += 1
+                    yield record
+        finally:
+            if self._prefetcher is not None:
+                self._prefetcher.close()
+                self._prefetcher = None
+
+    def _order(self) -> _EpochOrder:
+        return _EpochOrder(self.counts, self.seed, self.epoch, self.shuffle, self.window_chunks)
+
+    def _capacity(self) -> int:
+        return max(self.cache_chunks, self.window_chunks if self.shuffle else 1)
+
+    def _start_prefetch(
+        self,
+        positions: Callable[[range], Iterator[int]],
+        own_offsets: Callable[[], Iterator[range]],
+    ) -> Optional[ChunkPrefetcher]:
+        """A prefetcher of the gs:// chunks this process will read, in order of first use."""
+        if not (self.prefetch and is_gcs(self.output_dir)):
+            return None
+        info = torch.utils.data.get_worker_info()
+        largest = max((int(c["bytes"]) for c in self.chunks), default=1)
+        ahead = prefetch_depth(self.prefetch, self.store.cache_bytes, largest,
+                               1 if info is None else info.num_workers)
+        if ahead == 0:
+            return None
+        order = self._order()  # its own: it runs ahead of the reader's
+
+        def upcoming() -> Iterator[int]:
+            for offsets in own_offsets():
+                for p in positions(offsets):
+                    yield order.locate(p)[0]
+
+        return ChunkPrefetcher(self.store, self.chunks, upcoming(), ahead)
 
 
 def _consecutive_views(values: list) -> Optional[torch.Tensor]:

@@ -1,9 +1,8 @@
 """Reading a pipeline output: metadata.json and verified local copies of its chunk files.
 
-Output directories may be local or gs:// URIs. For gs:// the google-cloud-storage client (which
-honours STORAGE_EMULATOR_HOST) is imported and created lazily, once per process, so that
-DataLoader workers never share a client across fork. Remote chunks are downloaded into a local
-cache directory, named by their sha256 (so a file there is one that was verified), and evicted
+Output directories may be local or gs:// URIs (read through `transforms.storage`, whose GCS
+client is created lazily and anew in each DataLoader worker). Remote chunks are downloaded into
+a local cache directory, named by their sha256 (so a file there is one that was verified), and evicted
 least recently used first once the cache holds more than `cache_bytes`. Workers on one machine
 share the cache; a per-chunk lock file keeps them from downloading the same chunk twice.
 """
@@ -15,48 +14,18 @@ import hashlib
 import json
 import os
 import pickle
-import posixpath
 import tempfile
 from typing import Any, Optional
 
 import torch
 
+from transforms import storage
 from transforms.chunks.errors import ChunkIntegrityError, IncompleteOutputError, MissingChunkError
 from transforms.chunks.format import FORMAT_VERSION, check_chunk
 
 METADATA_NAME = "metadata.json"
 DEFAULT_CACHE_BYTES = 4 << 30
 _LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError)
-
-
-def is_gcs(path: str) -> bool:
-    return path.startswith("gs://")
-
-
-def join(base: str, relpath: str) -> str:
-    """`relpath` (always '/'-separated) under `base`, a local directory or a gs:// URI."""
-    if is_gcs(base):
-        return posixpath.join(base, relpath)
-    return os.path.join(base, *relpath.split("/"))
-
-
-def _split_gcs(uri: str) -> tuple[str, str]:
-    bucket, _, name = uri[len("gs://") :].partition("/")
-    if not bucket or not name:
-        raise ValueError(f"not a gs://bucket/object URI: {uri}")
-    return bucket, name
-
-
-def _new_gcs_client() -> Any:
-    from google.cloud import storage  # only gs:// readers need it
-
-    return storage.Client()
-
-
-def _gcs_not_found() -> type[Exception]:
-    from google.api_core.exceptions import NotFound
-
-    return NotFound
 
 
 def read_metadata(output_dir: str) -> dict:
@@ -66,20 +35,12 @@ def read_metadata(output_dir: str) -> dict:
         IncompleteOutputError: no metadata.json in `output_dir`.
         ValueError: a format_version this reader does not know.
     """
-    path = join(output_dir, METADATA_NAME)
-    incomplete = IncompleteOutputError(f"output is incomplete: no {METADATA_NAME} in {output_dir}")
-    if is_gcs(path):
-        bucket, name = _split_gcs(path)
-        try:
-            data = _new_gcs_client().bucket(bucket).blob(name).download_as_bytes()
-        except _gcs_not_found():
-            raise incomplete from None
-    else:
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except FileNotFoundError:
-            raise incomplete from None
+    path = storage.join(output_dir, METADATA_NAME)
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise IncompleteOutputError(
+            f"output is incomplete: no {METADATA_NAME} in {output_dir}") from None
     meta = json.loads(data)
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
@@ -150,22 +111,15 @@ class ChunkStore:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         verify: bool = True,
     ) -> None:
-        self.output_dir = output_dir.rstrip("/") if is_gcs(output_dir) else output_dir
+        self.output_dir = output_dir.rstrip("/") if storage.is_gcs(output_dir) else output_dir
         self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "chunked-dataset-cache")
         self.cache_bytes = int(cache_bytes)
         self.verify = verify
         self._verified: set[str] = set()
-        self._client: Any = None
-        self._client_pid: Optional[int] = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_client"] = state["_client_pid"] = None  # a client is per process
-        return state
 
     def uri(self, entry: dict) -> str:
         """Where the chunk of `entry` is stored."""
-        return join(self.output_dir, entry["path"])
+        return storage.join(self.output_dir, entry["path"])
 
     def load(self, entry: dict) -> dict:
         """The decoded chunk of `entry`, after checking it against the entry.
@@ -182,7 +136,7 @@ class ChunkStore:
                 break
             except FileNotFoundError:
                 # Another worker evicted the cached copy between our check and our open.
-                if attempt == 2 or not is_gcs(self.output_dir):
+                if attempt == 2 or not storage.is_gcs(self.output_dir):
                     raise MissingChunkError(f"chunk file missing: {self.uri(entry)}") from None
             except _LOAD_ERRORS as err:
                 raise ChunkIntegrityError(
@@ -203,7 +157,7 @@ class ChunkStore:
 
     def local_path(self, entry: dict) -> str:
         """A local file holding the chunk of `entry`, checked (and downloaded for gs://)."""
-        if is_gcs(self.output_dir):
+        if storage.is_gcs(self.output_dir):
             return self._cached_copy(entry)
         path = self.uri(entry)
         try:
@@ -243,12 +197,6 @@ class ChunkStore:
                     f"chunk file {uri} has sha256 {digest}, metadata.json says {entry['sha256']}"
                 )
 
-    def _gcs(self) -> Any:
-        if self._client is None or self._client_pid != os.getpid():
-            self._client = _new_gcs_client()
-            self._client_pid = os.getpid()
-        return self._client
-
     def _cached_copy(self, entry: dict) -> str:
         os.makedirs(os.path.join(self.cache_dir, "locks"), exist_ok=True)
         name = f"{entry['sha256']}.pt"
@@ -267,12 +215,11 @@ class ChunkStore:
 
     def _download(self, entry: dict, path: str) -> None:
         uri = self.uri(entry)
-        bucket, name = _split_gcs(uri)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             try:
-                self._gcs().bucket(bucket).blob(name).download_to_filename(tmp)
-            except _gcs_not_found():
+                storage.download(uri, tmp)
+            except FileNotFoundError:
                 raise MissingChunkError(f"chunk file missing: {uri}") from None
             self._check(uri, os.path.getsize(tmp), entry, lambda: _sha256_file(tmp))
             os.replace(tmp, path)

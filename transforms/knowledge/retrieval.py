@@ -35,7 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from transforms import fileio
+from transforms import storage
 from transforms.errors import InputError
 
 DEFAULT_TOP_K = 3
@@ -99,8 +99,8 @@ def load_knowledge_base(path: Optional[str] = None) -> tuple[Snippet, ...]:
     """
     path = path or default_knowledge_base_path()
     try:
-        data = fileio.read_bytes(path)
-    except OSError as err:  # Beam raises BeamIOError, an OSError, locally and for gs://
+        data = storage.read_bytes(path)
+    except OSError as err:
         raise InputError(f"--knowledge_base {path}: cannot read ({type(err).__name__})") from None
     try:
         text = data.decode("utf-8")
@@ -123,7 +123,7 @@ def check_model_dir(path: str, flag: str = "--embedding_model",
     Raises:
         InputError: naming the flag, the path and the files looked for.
     """
-    if not any(fileio.exists(fileio.join(path.rstrip("/"), m)) for m in markers):
+    if not any(storage.exists(storage.join(path.rstrip("/"), m)) for m in markers):
         raise InputError(
             f"{flag} {path}: not a model folder (none of {', '.join(markers)} in it)")
 
@@ -138,22 +138,21 @@ def local_model_dir(path: str, flag: str = "--embedding_model") -> Iterator[str]
     Raises:
         InputError: the folder is missing or empty.
     """
-    if not path.startswith("gs://"):
+    if not storage.is_gcs(path):
         if not os.path.isdir(path):
             raise InputError(f"{flag} {path}: no such folder")
         yield path
         return
-    prefix = path.rstrip("/") + "/"
-    files = [f for f in fileio.list_files(prefix + "**") if not f.endswith("/")]
+    prefix = storage.join(path, "")
+    files = storage.list_files(prefix + "**")
     if not files:
         raise InputError(f"{flag} {path}: no files under this folder")
     local = tempfile.mkdtemp(prefix="model-")
     try:
         for remote in files:
-            target = os.path.join(local, *remote[len(prefix):].split("/"))
+            target = storage.join(local, remote[len(prefix):])
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as handle:
-                handle.write(fileio.read_bytes(remote))
+            storage.download(remote, target)
         yield local
     finally:
         shutil.rmtree(local, ignore_errors=True)

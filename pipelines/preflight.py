@@ -1,0 +1,201 @@
+"""Checks before a Dataflow submission: what the workers will need is there and reachable.
+
+Run on the launcher with the user's credentials, before workers start (start-up minutes are
+paid even by a job that fails on its first read):
+
+- inputs on PhysioNet's buckets (`*.physionet.org`): an error, since the workers' service
+  account is not granted them; `run_dataflow.sh --stage` copies them to the user's bucket;
+- every table the job reads exists with its columns, and a sample of the frontal images is
+  under the image root (`transforms.tables.check_tables` / `check_image_root`, the launcher's
+  own checks);
+- `output_dir` and `temp_location` are writable (a probe object is written and deleted);
+- each bucket's location holds the job's region, or a warning: reads and writes across
+  locations are billed per GB as data transfer, and slower.
+
+`run_preflight` returns the findings, each one line; the caller prints them and stops on an
+error. The write probe runs with the user's credentials: the workers' service account needs
+the same access (storage.objectAdmin on the bucket), which cannot be checked from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Iterable, Mapping, Optional
+
+from pipelines.stage import bill_every_call
+from transforms import schema
+from transforms.errors import InputError
+from transforms.tables import IMAGE_SAMPLE, check_image_root, check_tables
+
+ERROR = "error"
+WARNING = "warning"
+PHYSIONET_SUFFIX = ".physionet.org"
+
+# Predefined dual-regions and the regions they hold; a custom dual-region lists its own.
+_DUAL_REGIONS = {
+    "NAM4": ("us-central1", "us-east1"),
+    "EUR4": ("europe-north1", "europe-west4"),
+    "ASIA1": ("asia-northeast1", "asia-northeast2"),
+}
+# Multi-regions and the prefix of the regions inside them (by continent, approximately).
+_MULTI_REGIONS = {"US": "us-", "EU": "europe-", "ASIA": "asia-"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One result of the preflight: ERROR stops the submission, WARNING is printed."""
+
+    level: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.message}"
+
+
+def has_errors(findings: Iterable[Finding]) -> bool:
+    return any(f.level == ERROR for f in findings)
+
+
+def bucket_of(uri: str) -> Optional[str]:
+    """The bucket of a gs:// URI; None for a local path."""
+    if not uri.startswith("gs://"):
+        return None
+    return uri[len("gs://"):].split("/", 1)[0] or None
+
+
+def physionet_buckets(uris: Iterable[str]) -> list[str]:
+    """The distinct PhysioNet buckets among `uris`, sorted."""
+    buckets = {bucket_of(uri) for uri in uris}
+    return sorted(b for b in buckets if b and b.endswith(PHYSIONET_SUFFIX))
+
+
+def location_holds(location: str, region: str, data_locations: Iterable[str] = ()) -> bool:
+    """Whether a bucket in `location` (as GCS reports it: "US-CENTRAL1", "US", "NAM4", ...)
+    serves workers in `region` from inside its location."""
+    location, region = location.upper(), region.lower()
+    custom = [d.lower() for d in data_locations]
+    if custom:
+        return region in custom
+    if location.lower() == region:
+        return True
+    if location in _DUAL_REGIONS:
+        return region in _DUAL_REGIONS[location]
+    prefix = _MULTI_REGIONS.get(location)
+    return prefix is not None and region.startswith(prefix)
+
+
+def _short(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
+
+
+def _storage_errors() -> tuple[type[Exception], ...]:
+    """A refused or failed call, or no usable credentials."""
+    from google.api_core.exceptions import GoogleAPICallError
+    from google.auth.exceptions import GoogleAuthError
+
+    return (GoogleAPICallError, GoogleAuthError)
+
+
+def check_writable(key: str, uri: str) -> Optional[Finding]:
+    """Writes and deletes a probe object under `uri`; a Finding if that is refused."""
+    bucket = bucket_of(uri)
+    if bucket is None:
+        return Finding(ERROR, f"{key} {uri} is not a gs:// path: Dataflow workers cannot "
+                       "write there")
+    from google.cloud import storage
+
+    name = "/".join(p for p in (uri[len("gs://") + len(bucket):].strip("/"),
+                                f".preflight-{uuid.uuid4().hex}") if p)
+    try:
+        blob = storage.Client().bucket(bucket).blob(name)
+        blob.upload_from_string(b"", if_generation_match=0)
+        blob.delete()
+    except _storage_errors() as err:
+        return Finding(ERROR, f"{key} {uri} is not writable: {_short(err)}")
+    return None
+
+
+def check_location(
+    bucket: str, keys: list[str], region: str, user_project: Optional[str]
+) -> Optional[Finding]:
+    """A warning when bucket `bucket` (used for `keys`) is not in `region`'s location."""
+    from google.cloud import storage
+
+    try:
+        handle = storage.Client(project=user_project).bucket(bucket, user_project=user_project)
+        handle.reload()
+    except _storage_errors() as err:
+        return Finding(WARNING, f"cannot read the location of gs://{bucket} "
+                       f"({', '.join(keys)}): {_short(err)}; not checked against {region}")
+    location = handle.location or "?"
+    if location_holds(location, region, handle.data_locations or ()):
+        return None
+    return Finding(
+        WARNING,
+        f"gs://{bucket} ({', '.join(keys)}) is in {location}, the workers in {region}: every "
+        "byte they read or write there crosses locations, billed per GB as data transfer, "
+        f"and slower; use a bucket in {region} (or run the job in the bucket's region)")
+
+
+def run_preflight(
+    *,
+    roots: Mapping[str, str],
+    output_dir: str,
+    temp_location: Optional[str],
+    region: Optional[str],
+    image_root: Optional[str] = None,
+    views: Iterable[str] = ("AP", "PA"),
+    user_project: Optional[str] = None,
+    image_sample: int = IMAGE_SAMPLE,
+) -> list[Finding]:
+    """Every check of the module docstring; returns the findings in that order.
+
+    Args:
+        roots: schema.MIMIC_IV / MIMIC_ED / MIMIC_CXR -> the roots the job reads.
+        output_dir: the job's output_dir.
+        temp_location: Dataflow's temp_location (None: not checked).
+        region: the job's region (None: locations not checked).
+        image_root: the job's cxr_image_root (None: under the MIMIC-CXR root).
+        views: the job's frontal views (for the image sample).
+        user_project: the job's requester_pays_project (billed for the input checks).
+        image_sample: frontal images checked under the image root.
+    """
+    bill_every_call()
+    views = tuple(views)
+    image_root = image_root or roots[schema.MIMIC_CXR]
+    inputs = {**{key: roots[key] for key in (schema.MIMIC_IV, schema.MIMIC_ED,
+                                             schema.MIMIC_CXR)},
+              "cxr_image_root": image_root}
+    findings: list[Finding] = []
+    physionet = physionet_buckets(inputs.values())
+    if physionet:
+        findings.append(Finding(
+            ERROR,
+            f"inputs on PhysioNet's buckets ({', '.join('gs://' + b for b in physionet)}): "
+            "Dataflow workers run as a service account that PhysioNet does not grant, so "
+            "their reads are refused; copy what the job reads to your bucket first with "
+            "./run_dataflow.sh --stage (config key stage_to)"))
+    for check in (lambda: check_tables(roots, user_project=user_project),
+                  lambda: check_image_root(roots, image_root, views, user_project,
+                                           image_sample)):
+        try:
+            check()
+        except InputError as err:
+            findings.append(Finding(ERROR, str(err)))
+    places = {"output_dir": output_dir}
+    if temp_location:
+        places["temp_location"] = temp_location
+    findings += [f for f in (check_writable(k, uri) for k, uri in places.items()) if f]
+    if region:
+        used: dict[str, list[str]] = {}
+        for key, uri in {**inputs, **places}.items():
+            bucket = bucket_of(uri)
+            if bucket and bucket not in physionet:
+                used.setdefault(bucket, []).append(key)
+        for bucket, keys in used.items():
+            finding = check_location(bucket, keys, region,
+                                     user_project if set(keys) & set(inputs) else None)
+            if finding:
+                findings.append(finding)
+    return findings

@@ -1,0 +1,149 @@
+"""A counting HTTP proxy in front of the GCS emulator: which JSON API calls a run makes.
+
+Clients reach it through STORAGE_EMULATOR_HOST, so every request of google-cloud-storage
+(ours and Beam's) passes through it and is recorded before it is forwarded unchanged.
+`write_ops` sorts the recorded requests into object writes the way GCS bills them: one
+upload per object created (a resumable upload's chunks belong to its start), a copy or
+rewrite, a delete; the calls inside a batch request count one by one.
+
+The emulator ignores preconditions; the proxy answers an upload with `ifGenerationMatch=0`
+for an object that exists with 412, as GCS does, so that `if_absent` can be exercised.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import http.client
+import json
+import re
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+_BATCH_LINE = re.compile(rb"^(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.1", re.M)
+_UPLOAD_BUCKET = re.compile(r"^/upload/storage/v1/b/([^/]+)/o$")
+_NAME = re.compile(rb'"name":\s*"((?:[^"\\]|\\.)*)"')
+_PRECONDITION_FAILED = (b'{"error": {"code": 412, "message": "At least one of the pre-conditions '
+                        b'you specified did not hold."}}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # without the query
+    query: dict[str, list[str]]
+
+
+def _kind(method: str, path: str) -> str:
+    if "/copyTo/" in path or "/rewriteTo/" in path or path.endswith("/compose"):
+        return "copy"
+    if path.startswith("/upload/"):
+        return "upload" if method == "POST" else "upload_part"
+    if method == "DELETE" and "/o/" in path:
+        return "delete"
+    return "read" if method == "GET" else f"other {method}"
+
+
+class CountingProxy:
+    """Forwards HTTP requests to `target` ("http://host:port") and records each one."""
+
+    def __init__(self, target: str) -> None:
+        parsed = urllib.parse.urlsplit(target)
+        self._target = (parsed.hostname, parsed.port)
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _exists_already(self, method: str, target: str, body: bytes) -> bool:
+        """Whether this upload asks `ifGenerationMatch=0` of an object that exists."""
+        url = urllib.parse.urlsplit(target)
+        bucket = _UPLOAD_BUCKET.match(url.path)
+        query = urllib.parse.parse_qs(url.query)
+        if method != "POST" or not bucket or query.get("ifGenerationMatch") != ["0"]:
+            return False
+        name = query.get("name", [None])[0]
+        if name is None:
+            found = _NAME.search(body)
+            name = json.loads(b'"' + found.group(1) + b'"') if found else ""
+        conn = http.client.HTTPConnection(*self._target, timeout=120)
+        conn.request("GET", f"/storage/v1/b/{bucket.group(1)}/o/"
+                     f"{urllib.parse.quote(name, safe='')}")
+        status = conn.getresponse().status
+        conn.close()
+        return status == 200
+
+    def _record(self, method: str, target: str, body: bytes) -> None:
+        url = urllib.parse.urlsplit(target)
+        found = [Request(method, url.path, urllib.parse.parse_qs(url.query))]
+        if url.path.startswith("/batch/"):
+            found = [Request(m.decode(), urllib.parse.urlsplit(p.decode()).path,
+                             urllib.parse.parse_qs(urllib.parse.urlsplit(p.decode()).query))
+                     for m, p in _BATCH_LINE.findall(body)]
+        with self._lock:
+            self.requests.extend(found)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy._record(self.command, self.path, body)
+                if proxy._exists_already(self.command, self.path, body):
+                    self.send_response(412)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(_PRECONDITION_FAILED)))
+                    self.end_headers()
+                    self.wfile.write(_PRECONDITION_FAILED)
+                    return
+                conn = http.client.HTTPConnection(*proxy._target, timeout=120)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in _HOP_HEADERS}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                conn.close()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in _HOP_HEADERS:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        return Handler
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def counts(self) -> collections.Counter:
+        """Requests by kind: upload, upload_part, copy, delete, read, other METHOD."""
+        with self._lock:
+            return collections.Counter(_kind(r.method, r.path) for r in self.requests)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __iter__(self) -> Iterator[Request]:
+        with self._lock:
+            return iter(list(self.requests))
+
+
+def write_ops(counts: collections.Counter) -> int:
+    """Object writes: uploads started, copies or rewrites, deletes."""
+    return counts["upload"] + counts["copy"] + counts["delete"]

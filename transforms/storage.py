@@ -1,0 +1,409 @@
+"""Every file the project reads or writes, on local disk or on GCS (gs://), in one place.
+
+No other module branches on gs://. Writes are atomic the native way of each backend: locally
+the bytes go to a temporary name in the target's folder and `os.replace` publishes them; on
+GCS one upload is already all-or-nothing (a rename there would be a copy plus a delete, two
+more writes, and the target would briefly not exist), with `if_generation_match=0` when the
+object must not exist yet.
+
+GCS calls go through google-cloud-storage, imported only when a gs:// path is used (the
+torch-only loader in `transforms.chunks` uses this module too). Clients are kept one per
+thread, billing project and emulator host, and rebuilt in a forked process (DataLoader
+workers): a client is not documented as thread-safe, and its connections must not be shared
+across fork. `user_project` bills a requester-pays bucket (PhysioNet's) on the bucket handle.
+Clients honour STORAGE_EMULATOR_HOST. GCS errors come out as OSErrors naming the path: a
+missing object as FileNotFoundError, a refused one as PermissionError, an object that exists
+against `if_absent` as FileExistsError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from typing import Any, BinaryIO, Iterable, Iterator, Optional
+
+GCS_PREFIX = "gs://"
+TMP_MARK = ".tmp-"  # in the name of a local write not published yet
+_BATCH = 100  # calls per GCS batch request (the documented limit)
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_THREAD = threading.local()
+
+
+def is_gcs(path: str) -> bool:
+    """Whether `path` is a gs:// URI."""
+    return path.startswith(GCS_PREFIX)
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    """(bucket, object name) of a gs://bucket/name URI.
+
+    Raises:
+        ValueError: not a gs:// URI with both a bucket and an object name.
+    """
+    bucket, _, name = uri[len(GCS_PREFIX):].partition("/") if is_gcs(uri) else ("", "", "")
+    if not bucket or not name:
+        raise ValueError(f"not a gs://bucket/object URI: {uri}")
+    return bucket, name
+
+
+def join(base: str, *parts: str) -> str:
+    """`parts` ('/'-separated relative paths) under `base`, a local folder or a gs:// URI."""
+    if is_gcs(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *(piece for part in parts for piece in part.split("/")))
+
+
+# --- GCS clients and errors -----------------------------------------------------------------
+
+def _client(user_project: Optional[str]) -> Any:
+    """This thread's client for `user_project` (None: the default project)."""
+    if getattr(_THREAD, "pid", None) != os.getpid():  # a new thread, or a forked process
+        _THREAD.pid, _THREAD.clients = os.getpid(), {}
+    key = (user_project, os.environ.get("STORAGE_EMULATOR_HOST"))
+    client = _THREAD.clients.get(key)
+    if client is None:
+        from google.cloud import storage
+
+        client = _THREAD.clients[key] = storage.Client(project=user_project)
+    return client
+
+
+def _bucket(name: str, user_project: Optional[str] = None) -> Any:
+    user_project = user_project or None  # "" bills no one, like None
+    return _client(user_project).bucket(name, user_project=user_project)
+
+
+def _blob(uri: str, user_project: Optional[str] = None) -> Any:
+    bucket, name = split_gcs(uri)
+    return _bucket(bucket, user_project).blob(name)
+
+
+@contextlib.contextmanager
+def _gcs_errors(path: str) -> Iterator[None]:
+    """Turns a failed GCS call on `path` into the OSError a local call would raise."""
+    from google.api_core import exceptions as gcs
+
+    try:
+        yield
+    except gcs.NotFound as err:
+        raise FileNotFoundError(f"no such object: {path}") from err
+    except gcs.PreconditionFailed as err:
+        raise FileExistsError(f"object exists: {path}") from err
+    except gcs.Forbidden as err:
+        raise PermissionError(f"{path}: {err.message}") from err
+    except gcs.GoogleAPICallError as err:
+        raise OSError(f"{path}: {type(err).__name__}: {err.message}") from err
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def exists(path: str, user_project: Optional[str] = None) -> bool:
+    """Whether a file (or a local folder) exists; `user_project` is billed for gs:// paths."""
+    if not is_gcs(path):
+        return os.path.exists(path)
+    with _gcs_errors(path):
+        return _blob(path, user_project).exists()
+
+
+def read_bytes(path: str, user_project: Optional[str] = None) -> bytes:
+    """The whole file as stored (no decompression).
+
+    Args:
+        path: local path or gs:// URI.
+        user_project: GCP project billed for a gs:// read (requester-pays buckets).
+
+    Raises:
+        FileNotFoundError: no such file or object.
+    """
+    if not is_gcs(path):
+        with open(path, "rb") as handle:
+            return handle.read()
+    with _gcs_errors(path):
+        return _blob(path, user_project).download_as_bytes()
+
+
+class _GcsReader(io.RawIOBase):
+    """A gs:// object read in large ranges, its errors mapped to OSErrors."""
+
+    def __init__(self, path: str, user_project: Optional[str]) -> None:
+        self._path = path
+        self._reader = _blob(path, user_project).open("rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with _gcs_errors(self._path):
+            data = self._reader.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._reader.close()
+        super().close()
+
+
+def open_read(path: str, user_project: Optional[str] = None) -> BinaryIO:
+    """Opens a file for streaming binary reads (no decompression)."""
+    if not is_gcs(path):
+        return open(path, "rb")
+    return io.BufferedReader(_GcsReader(path, user_project), buffer_size=1 << 20)
+
+
+class _GzipReader(gzip.GzipFile):
+    """A GzipFile that closes the stream it reads (GzipFile leaves a given stream open)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def open_text(path: str, user_project: Optional[str] = None) -> io.TextIOBase:
+    """Opens a UTF-8 text file for streaming reads, gunzipped when its name ends in .gz
+    (newlines untranslated, as the csv module wants)."""
+    raw = open_read(path, user_project)
+    binary = _GzipReader(raw) if path.endswith(".gz") else raw
+    return io.TextIOWrapper(binary, encoding="utf-8", newline="")
+
+
+def download(path: str, local_path: str, user_project: Optional[str] = None) -> None:
+    """Copies a file (local or gs://) to `local_path`, streaming.
+
+    Raises:
+        FileNotFoundError: no such file or object (nothing is left at `local_path`).
+    """
+    if not is_gcs(path):
+        shutil.copyfile(path, local_path)
+        return
+    with _gcs_errors(path):
+        _blob(path, user_project).download_to_filename(local_path)
+
+
+def list_files(pattern: str) -> list[str]:
+    """Files matching a glob pattern, sorted: `*` and `?` stay within one folder, `**`
+    crosses folders. A pattern without wildcards lists the file itself, if it exists."""
+    literal = _GLOB_CHARS.split(pattern, 1)[0]
+    if literal == pattern:
+        found = exists(pattern) if is_gcs(pattern) else os.path.isfile(pattern)
+        return [pattern] if found else []
+    match = re.compile(_glob_regex(pattern)).match
+    return sorted(p for p in _candidates(literal, pattern[len(literal):]) if match(p))
+
+
+def _glob_regex(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        char = pattern[i]
+        out.append({"*": "[^/]*", "?": "[^/]"}.get(char, re.escape(char)))
+        i += 1
+    return "".join(out) + r"\Z"
+
+
+def _candidates(literal: str, rest: str) -> Iterator[str]:
+    """Every file that a pattern starting with `literal` (then `rest`) could match."""
+    deep = "/" in rest or "**" in rest
+    if is_gcs(literal):
+        bucket, _, prefix = literal[len(GCS_PREFIX):].partition("/")
+        with _gcs_errors(literal):
+            for blob in _client(None).list_blobs(bucket, prefix=prefix,
+                                                 delimiter=None if deep else "/"):
+                if not blob.name.endswith("/"):  # folder placeholders
+                    yield f"{GCS_PREFIX}{bucket}/{blob.name}"
+        return
+    folder = os.path.dirname(literal) or "."
+    if not os.path.isdir(folder):
+        return
+    if not deep:
+        for entry in os.scandir(folder):
+            if entry.is_file():
+                yield os.path.join(folder, entry.name)
+        return
+    for root, _, names in os.walk(folder):
+        for name in names:
+            yield os.path.join(root, name)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def _local_tmp(path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+
+
+def _publish_local(tmp: str, path: str, if_absent: bool) -> None:
+    try:
+        if if_absent:
+            os.link(tmp, path)  # fails if `path` exists, atomically
+            os.remove(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _upload(path: str, if_absent: bool, send: Any) -> None:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    # The client retries an upload only under a precondition; ours write the same bytes to
+    # the same name when repeated, so an unconditional one may be retried too.
+    options = {"if_generation_match": 0} if if_absent else {"retry": DEFAULT_RETRY}
+    with _gcs_errors(path):
+        send(_blob(path), **options)
+
+
+def write_bytes(path: str, data: bytes, *, if_absent: bool = False) -> None:
+    """Writes `data` to `path` atomically: a reader sees the old file, or none, or all of it.
+
+    Locally a temporary file in the same folder is renamed over `path` (folders are made as
+    needed); on GCS it is one upload.
+
+    Args:
+        if_absent: fail instead of replacing an existing file.
+
+    Raises:
+        FileExistsError: `if_absent` and the file exists.
+    """
+    if is_gcs(path):
+        _upload(path, if_absent, lambda blob, **kw: blob.upload_from_string(data, **kw))
+        return
+    tmp = _local_tmp(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _publish_local(tmp, path, if_absent)
+
+
+class AtomicWriter(io.RawIOBase):
+    """A file written streaming and published at once by `commit()` (see `open_write`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # GCS: spooled to a local temporary file and uploaded at commit, so that the object
+        # appears only then (an upload stream would publish whatever it has when closed).
+        self._tmp = None if is_gcs(path) else _local_tmp(path)
+        self._file: BinaryIO = open(self._tmp, "wb") if self._tmp else tempfile.TemporaryFile()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self._file.write(data)
+
+    def commit(self) -> None:
+        """Publishes the bytes written at `path`, replacing any file there."""
+        if self._tmp is not None:
+            self._file.close()
+            _publish_local(self._tmp, self.path, if_absent=False)
+        else:
+            self._file.seek(0)
+            _upload(self.path, False,
+                    lambda blob, **kw: blob.upload_from_file(self._file, **kw))
+            self._file.close()
+        super().close()
+
+    def discard(self) -> None:
+        """Drops the bytes written; `path` is left as it was."""
+        self._file.close()
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._tmp)
+        super().close()
+
+    def __exit__(self, exc_type: Any, *args: Any) -> None:
+        if self.closed:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def open_write(path: str) -> AtomicWriter:
+    """Opens `path` for a streaming write published at `commit()` (or on leaving a `with`
+    block without an error; `discard()`, or an error there, leaves `path` as it was)."""
+    return AtomicWriter(path)
+
+
+def copy(pairs: Iterable[tuple[str, str]]) -> None:
+    """Copies files, (source, target) each: server-side and batched on GCS."""
+    pairs = list(pairs)
+    remote = [(s, t) for s, t in pairs if is_gcs(s)]
+    for source, target in pairs:
+        if not is_gcs(source):
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            shutil.copyfile(source, target)
+    for start in range(0, len(remote), _BATCH):
+        group = remote[start:start + _BATCH]
+        with _gcs_errors(group[0][0]), _client(None).batch():
+            for source, target in group:
+                (src_bucket, src_name), (dst_bucket, dst_name) = map(split_gcs, (source, target))
+                _bucket(src_bucket).copy_blob(_bucket(src_bucket).blob(src_name),
+                                              _bucket(dst_bucket), dst_name)
+
+
+# --- deleting --------------------------------------------------------------------------------
+
+def delete(paths: Iterable[str]) -> None:
+    """Deletes files; missing ones are ignored. On GCS in batch requests."""
+    remote = []
+    for path in paths:
+        if is_gcs(path):
+            remote.append(split_gcs(path))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    for start in range(0, len(remote), _BATCH):
+        _delete_objects(remote[start:start + _BATCH])
+
+
+def _delete_objects(objects: list[tuple[str, str]]) -> None:
+    client = _client(None)
+    with _gcs_errors(f"{GCS_PREFIX}{objects[0][0]}/{objects[0][1]}"):
+        with client.batch(raise_exception=False) as batch:
+            for bucket, name in objects:
+                _bucket(bucket).delete_blob(name)
+    # The batch keeps each call's response (the public API raises for the last failure only).
+    for (bucket, name), response in zip(objects, batch._responses):
+        if response.status_code not in (200, 204, 404):
+            raise OSError(f"cannot delete {GCS_PREFIX}{bucket}/{name}: HTTP "
+                          f"{response.status_code} {response.reason}")
+
+
+def delete_tree(path: str) -> None:
+    """Deletes a local folder (or file) or every object under a gs:// prefix, if any."""
+    if is_gcs(path):
+        delete(list_files(path.rstrip("/") + "/**"))
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def temporaries(folder: str) -> list[str]:
+    """Temporary files that interrupted writes left in `folder` (`TMP_MARK` in their name)."""
+    return list_files(join(folder, f"*{TMP_MARK}*"))
