@@ -24,7 +24,7 @@ from transforms.errors import InputError
 from transforms.knowledge import DEFAULT_TOP_K
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION
 from transforms.notes import DEFAULT_MAX_TEXT_LENGTH
-from transforms.splits import DEFAULT_RATIOS, DEFAULT_SEED, SPLIT_CHOICES, STRATIFIED
+from transforms.splits import DEFAULT_RATIOS, DEFAULT_SEED, OFFICIAL, SPLIT_CHOICES, STRATIFIED
 
 # Who declares a setting's `--flag`.
 PIPELINE = "pipeline"  # DatasetOptions, from this table
@@ -346,10 +346,9 @@ def config_from_options(options: PipelineOptions) -> DatasetConfig:
             + ", ".join("--" + m for m in missing))
     if not _views(values["views"]):
         raise InputError(f"--views must name at least one ViewPosition, got {o.views!r}")
-    if values["split"] != STRATIFIED and values["stratification_indices"]:
-        raise InputError(
-            f"--split {values['split']} follows the official split table; it cannot reuse "
-            "--stratification_indices")
+    if values["split"] == OFFICIAL and values["stratification_indices"]:
+        raise InputError("--split official follows the official split table; it cannot reuse "
+                         "--stratification_indices")
     if values["compute_indices_only"] and values["stratification_indices"]:
         raise InputError(
             "--compute_indices_only computes new indices; it cannot reuse "

@@ -321,9 +321,17 @@ def test_every_record_is_in_its_subjects_official_split(synthetic, tmp_path: Pat
     assert {int(s): split for s, split in indices["patients"].items()} == seen
     card = (out / "DATASET_CARD.md").read_text()
     assert (f"The official MIMIC-CXR-JPG split (`{SPLIT_TABLE.relpath}`, by subject; validate "
-            f"is val): {len(seen) - 2} patients from the table, 2 absent from it") in card
+            f"is val): {len(seen) - 2} patients from the table, 2 absent from it assigned by a "
+            "stable hash (seed 42) against the shares train 0.7, val 0.15, test 0.15, 1 with "
+            "rows in several splits put in the most restrictive (test, then val).") in card
+    assert f"| val | {meta['n_val']} | {len(seen_in(seen, 'val'))} | " in card
+    assert "| target share |" in card and "| none |" in card
     assert '<td>split source</td><td data-key="split source.value">official</td>' in (
         out / "report.html").read_text()
+
+
+def seen_in(seen: dict[int, str], split: str) -> set[int]:
+    return {subject for subject, s in seen.items() if s == split}
 
 
 def _module(*args: str) -> subprocess.CompletedProcess:

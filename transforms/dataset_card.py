@@ -86,7 +86,8 @@ def _split_source(meta: Mapping[str, Any]) -> str:
             f"The official MIMIC-CXR-JPG split (`{official['table']}`, by subject; validate is "
             f"val): {official['patients_from_table']} patients from the table, "
             f"{official['patients_not_in_table']} absent from it assigned by a stable hash "
-            f"(seed {strat.get('seed')}) against the target shares, "
+            f"(seed {strat.get('seed')}) against the shares "
+            + ", ".join(f"{s} {strat.get('ratios', {}).get(s, 0):g}" for s in _SPLITS) + ", "
             f"{official['patients_with_conflicting_splits']} with rows in several splits put "
             "in the most restrictive (test, then val).")
     return (f"Stratified on {_value(strat.get('keys'))}, seed {strat.get('seed')}"
@@ -100,7 +101,8 @@ def render_card(meta: Mapping[str, Any]) -> str:
     splits = meta["splits"]
     chunks = {s: sum(1 for c in meta["chunks"] if c["split"] == s) for s in _SPLITS}
     strat = meta.get("stratification", {})
-    ratios = strat.get("ratios", {})
+    # The official split has no target shares (its ratios only draw absent patients).
+    ratios = {} if meta.get("split_source") == "official" else strat.get("ratios", {})
     split_rows = [(s, splits[s]["records"], splits[s]["patients"], chunks[s], ratios.get(s))
                   for s in _SPLITS]
     split_rows.append(("**total**", meta["total_records"],
