@@ -35,8 +35,8 @@ from transforms.progress import Progress
 from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger
 from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, SAMPLES_TAG, sample_from
 from transforms.write.spill import REFS_TAG
-from transforms.splits import INDICES_NAME, SplitAssignment, SplitPatients, WriteIndices
-from transforms.splits import read_indices
+from transforms.splits import INDICES_NAME, OFFICIAL, SplitAssignment, SplitPatients
+from transforms.splits import WriteIndices, read_indices
 from transforms.join.tables import ReadTables, check_image_root, check_tables
 from transforms.write.metadata import WriteMetadata, check_output_dir
 from transforms.write.spill import SpillSamples
@@ -53,6 +53,11 @@ def input_roots(cfg: DatasetConfig) -> dict[str, str]:
     }
 
 
+def split_tables(cfg: DatasetConfig) -> tuple[str, ...]:
+    """The tables the split reads: the official split table with --split official."""
+    return ("split",) if cfg.split == OFFICIAL else ()
+
+
 def build_pipeline(
     p: beam.Pipeline, cfg: DatasetConfig, indices: Optional[SplitAssignment] = None
 ) -> None:
@@ -62,9 +67,10 @@ def build_pipeline(
     images are produced and spilled on one fused path, so memory is bounded by a bundle.
     """
     # The metadata is read first; JoinCohort reads the other tables itself, keeping only the
-    # rows of patients with a frontal image.
+    # rows of patients with a frontal image. The split table goes to the split's analyze pass.
     tables = p | "ReadTables" >> ReadTables(
-        input_roots(cfg), names=["metadata"], user_project=cfg.requester_pays_project
+        input_roots(cfg), names=("metadata", *split_tables(cfg)),
+        user_project=cfg.requester_pays_project,
     )
     cohort = tables | "JoinCohort" >> JoinCohort(
         image_root=image_root(cfg),
@@ -76,7 +82,8 @@ def build_pipeline(
         user_project=cfg.requester_pays_project,
     )
     records = cohort[RECORDS_TAG]
-    assignment = records | "SplitPatients" >> SplitPatients(cfg.ratios, cfg.seed, indices)
+    assignment = records | "SplitPatients" >> SplitPatients(
+        cfg.ratios, cfg.seed, indices, table=tables.get("split"))
     if cfg.compute_indices_only:
         ledger = (tables[LEDGER_TAG], cohort[LEDGER_TAG]) | "Ledger" >> SumLedger()
         assignment | "WriteIndices" >> WriteIndices(
@@ -153,6 +160,8 @@ def _synthetic_inputs(cfg: DatasetConfig) -> DatasetConfig:
         # One broken file of each kind per 400 patients: the demo shows dead letters while
         # staying under the default --max_failed_fraction.
         "faults": cfg.synthetic_patients // 400,
+        # One patient per 100 missing from the split table: --split official shows its rule.
+        "split_missing": cfg.synthetic_patients // 100,
     }
     data = None
     if storage.exists(stamp):
@@ -214,7 +223,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     if cfg.synthetic:
         cfg = _synthetic_inputs(cfg)
     roots = input_roots(cfg)
-    check_tables(roots, user_project=cfg.requester_pays_project)
+    check_tables(roots, schema.INPUT_TABLES + split_tables(cfg),
+                 user_project=cfg.requester_pays_project)
     if not cfg.compute_indices_only:
         check_image_root(roots, image_root(cfg), cfg.views, cfg.requester_pays_project)
         check_output_dir(cfg.output_dir, cfg.overwrite)

@@ -24,7 +24,7 @@ from transforms.errors import InputError
 from transforms.text.knowledge import DEFAULT_TOP_K
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION
 from transforms.text.notes import DEFAULT_MAX_TEXT_LENGTH
-from transforms.splits import DEFAULT_RATIOS, DEFAULT_SEED
+from transforms.splits import DEFAULT_RATIOS, DEFAULT_SEED, OFFICIAL, SPLIT_CHOICES, STRATIFIED
 
 # Who declares a setting's `--flag`.
 PIPELINE = "pipeline"  # DatasetOptions, from this table
@@ -53,7 +53,7 @@ class Setting:
         help: one or two sentences for `--help` and the example config.
         group: the `--help` section of a pipeline flag.
         minimum, maximum: inclusive bounds of a number; `why` follows the message.
-        choices: allowed strings (matched case-insensitively, stored upper-case).
+        choices: allowed strings (matched case-insensitively, stored as written here).
         pattern, pattern_help: a regular expression the string must match, and what it means.
         path: DIR, PATH or GCS for a location the launcher checks.
         flag: PIPELINE, BEAM or None (a launcher key mapped specially).
@@ -101,10 +101,15 @@ class Setting:
             return {"action": "store_true", "default": self.default, "help": self.help}
         kwargs: dict[str, Any] = {"default": self.default, "help": self.help}
         if self.choices:
-            kwargs.update(type=str.upper, choices=self.choices)
+            kwargs.update(type=self.choice, choices=self.choices)
         elif self.kind in (int, float):
             kwargs["type"] = self.kind
         return kwargs
+
+    def choice(self, value: str) -> str:
+        """`value` as written in `choices` when it matches one case-insensitively (argparse
+        then names a value matching none)."""
+        return next((c for c in self.choices if c.upper() == value.upper()), value)
 
 
 def _views(value: str) -> tuple[str, ...]:
@@ -183,6 +188,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retrieval_top_k", int, DEFAULT_TOP_K, "Knowledge snippets retrieved per record.",
             _TEXT, minimum=0),
     # --- split and output; the ratios' sum is checked by check_ratios
+    Setting("split", str, STRATIFIED, "How patients are split: stratified (by the ratios, on "
+            "view, clinical data and labels) or official (MIMIC-CXR-JPG's "
+            "mimic-cxr-2.0.0-split.csv.gz by subject, validate -> val, for comparison with "
+            "published work; patients absent from it by a stable hash against the ratios).",
+            _OUTPUT, choices=SPLIT_CHOICES, key=True),
     Setting("train_ratio", float, DEFAULT_RATIOS[0], "Train share.", _OUTPUT, key=True),
     Setting("val_ratio", float, DEFAULT_RATIOS[1], "Validation share.", _OUTPUT, key=True),
     Setting("test_ratio", float, DEFAULT_RATIOS[2], "Test share.", _OUTPUT, key=True),
@@ -265,7 +275,7 @@ def check_value(setting: Setting, value: Any, naming: Naming = AS_FLAG) -> None:
                    else f">= {_number(low)}" if low is not None else f"<= {_number(high)}")
         why = f" ({setting.why})" if setting.why else ""
         raise InputError(f"{name} must be {allowed}{why}, got {value}")
-    if setting.choices and str(value).upper() not in setting.choices:
+    if setting.choices and str(value).upper() not in {c.upper() for c in setting.choices}:
         raise InputError(f"{name} must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.pattern is not None and not setting.pattern.match(value):
         raise InputError(f"{name} must be {setting.pattern_help}, got {value!r}")
@@ -347,6 +357,9 @@ def config_from_options(options: PipelineOptions) -> DatasetConfig:
             + ", ".join("--" + m for m in missing))
     if not _views(values["views"]):
         raise InputError(f"--views must name at least one ViewPosition, got {o.views!r}")
+    if values["split"] == OFFICIAL and values["stratification_indices"]:
+        raise InputError("--split official follows the official split table; it cannot reuse "
+                         "--stratification_indices")
     if values["compute_indices_only"] and values["stratification_indices"]:
         raise InputError(
             "--compute_indices_only computes new indices; it cannot reuse "

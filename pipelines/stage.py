@@ -2,9 +2,9 @@
 
 PhysioNet grants its buckets to the user's own Google account; Dataflow workers run as a
 service account PhysioNet does not know, so they cannot read them. This module copies, with the
-user's credentials on the launcher, the tables the pipeline reads (`schema.INPUT_TABLES`) and
-only the JPEGs of the cohort (the pipeline's own rule: a frontal image whose study moment lies
-inside an ED stay of its subject, `transforms.join.cohort`) into `stage_to`:
+user's credentials on the launcher, the tables the pipeline reads (`schema.INPUT_TABLES` and the
+official split table) and only the JPEGs of the cohort (the pipeline's own rule: a frontal image
+whose study moment lies inside an ED stay of its subject, `transforms.join.cohort`) into `stage_to`:
 
     python -m pipelines.stage --mimic_iv_dir gs://... --mimic_ed_dir gs://... \
         --mimic_cxr_dir gs://... --stage_to gs://BUCKET/physionet-copy \
@@ -368,7 +368,8 @@ def make_plan(
     split_gs(stage_to)
     image_root = (image_root or roots[schema.MIMIC_CXR]).rstrip("/")
     split_gs(image_root)
-    tables = [table_path(schema.TABLES[name], roots) for name in schema.INPUT_TABLES]
+    # The official split table too (a few MB): the staged copy serves either --split.
+    tables = [table_path(schema.TABLES[name], roots) for name in (*schema.INPUT_TABLES, "split")]
     images = [f"{image_root}/{relpath}" for relpath in
               cohort_image_paths(roots, views, user_project)]
     # Listing beats one metadata call per image (a list call returns 1,000 objects): the

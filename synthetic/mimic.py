@@ -19,6 +19,11 @@ real radiographs; a pool of distinct encoded images is reused through hard links
 server-side copies (gs://). `faults` plants broken files (missing, empty, truncated, not an
 image) among the frontal images inside an ED stay, to exercise the pipeline's dead letters.
 
+The split table holds one split per subject, as MIMIC-CXR's does (weights of the real table).
+`split_missing` leaves that many subjects with a linked frontal image (the first, by
+subject_id) out of it, to exercise the rule of `--split official` for absent patients; it draws
+no random number, so every other file is the same as without it.
+
 `--scale mimic` writes MIMIC's real size instead (`MIMIC_ROW_COUNTS`, each table within ~2%):
 364,627 patients, 546,028 admissions, 425,087 ED stays (nearly all triaged), 1.56M vitalsign
 and 2.99M medrecon rows, 377,110 images in 227,827 studies of 65,379 subjects (64.5% AP/PA).
@@ -468,6 +473,7 @@ class GeneratedDataset:
     images_written, and one `faults_<kind>` per fault kind.
     `faults` maps each fault kind to the sorted dicom_ids planted with it.
     `answer_dir` holds the expected cohort (`cohort.csv.gz`) and `summary.json`.
+    `not_in_split`: the subjects left out of the split table (`split_missing`).
     """
 
     mimic_iv_dir: str
@@ -476,6 +482,7 @@ class GeneratedDataset:
     counts: dict[str, int]
     faults: dict[str, tuple[str, ...]]
     answer_dir: str = ""
+    not_in_split: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -604,9 +611,12 @@ class _Generator:
 
     def __init__(
         self, rng: random.Random, tables: dict[str, _CsvGz], pool: Sequence[EncodedImage],
-        profile: _Profile = _SMALL_PROFILE,
+        profile: _Profile = _SMALL_PROFILE, split_missing: int = 0,
     ) -> None:
         self.rng = rng
+        self.split_missing = split_missing
+        # Subjects left out of the split table (see the module docstring).
+        self.not_in_split: list[int] = []
         self.ids = _Ids(rng)
         self.tables = tables
         self.pool = pool
@@ -638,7 +648,9 @@ class _Generator:
         if stays:
             self.counts["ed_subjects"] += 1
             self._ed_rows(subject_id, gender, race, stays)
+        linked_before = len(self.answer)
         study_images = self._studies(subject_id, start, span, stays) if cxr else []
+        linked = len(self.answer) > linked_before
 
         dod = ""
         expired = [s for s in stays if s.disposition == "EXPIRED"]
@@ -652,7 +664,10 @@ class _Generator:
         )
         if study_images:
             self.counts["cxr_subjects"] += 1
-            split = _pick(rng, _SPLITS)
+            split = _pick(rng, _SPLITS)  # drawn either way: the rest stays the same
+            if linked and len(self.not_in_split) < self.split_missing:
+                self.not_in_split.append(subject_id)
+                return
             for dicom_id, study_id in study_images:
                 self.tables["split"].write((dicom_id, study_id, subject_id, split))
 
@@ -906,7 +921,7 @@ def _root_dirs(output_dir: str) -> dict[str, str]:
 
 
 def _validate(n_patients: int, image_height: int, image_width: int, image_pool: int,
-              faults: int) -> None:
+              faults: int, split_missing: int = 0) -> None:
     capacity = _SUBJECT_RANGE[1] - _SUBJECT_RANGE[0] + 1
     if not 1 <= n_patients <= capacity:
         raise ValueError(f"n_patients={n_patients}: must be between 1 and {capacity}")
@@ -918,6 +933,8 @@ def _validate(n_patients: int, image_height: int, image_width: int, image_pool: 
         raise ValueError(f"image_pool={image_pool}: must be >= 1")
     if faults < 0:
         raise ValueError(f"faults={faults}: must be >= 0")
+    if split_missing < 0:
+        raise ValueError(f"split_missing={split_missing}: must be >= 0")
 
 
 ANSWER_SUBDIR = "answer"
@@ -936,6 +953,7 @@ def generate(
     radiograph_dir: Optional[str] = None,
     scale: Optional[str | float] = None,
     images: bool = True,
+    split_missing: int = 0,
 ) -> GeneratedDataset:
     """Writes a synthetic MIMIC-IV / MIMIC-IV-ED / MIMIC-CXR-JPG dataset under `output_dir`.
 
@@ -957,6 +975,8 @@ def generate(
         scale: "mimic" for MIMIC's published row counts (`MIMIC_ROW_COUNTS`, within ~2%), or a
             fraction of them (0.01); None for the small `n_patients` dataset.
         images: False writes every table but no JPEG (join-only runs); the CSVs are the same.
+        split_missing: subjects with a linked frontal image left out of the split table (the
+            first ones by subject_id); every other file is unchanged.
 
     Returns:
         The three root directories, counts, the planted faults and the answer's directory.
@@ -968,7 +988,7 @@ def generate(
     plan = plan_scale(scale) if scale is not None else None
     if plan is not None:
         n_patients = plan.n_patients
-    _validate(n_patients, image_height, image_width, image_pool, faults)
+    _validate(n_patients, image_height, image_width, image_pool, faults, split_missing)
     started = time.monotonic()
     roots = _root_dirs(output_dir)
     if images:
@@ -996,7 +1016,7 @@ def generate(
     cohort = _CsvGz(storage.join(answer_dir, "cohort.csv.gz"), ANSWER_COLUMNS)
     try:
         profile = _SMALL_PROFILE if plan is None else _MIMIC_PROFILE
-        generator = _Generator(rng, tables, pool, profile)
+        generator = _Generator(rng, tables, pool, profile, split_missing)
         for index, (subject_id, (ed, cxr)) in enumerate(zip(subject_ids, has)):
             generator.patient(subject_id, ed=ed, cxr=cxr)
             if index % 50_000 == 49_999:
@@ -1033,7 +1053,11 @@ def generate(
     }
     counts.update({f"faults_{kind}": len(ids) for kind, ids in by_kind.items()})
     cohort.commit()
+    # Written only when asked for, so that the summary of every other run stays the same.
+    missing = ({"split_missing": split_missing, "not_in_split": generator.not_in_split}
+               if split_missing else {})
     _write_summary(answer_dir, {
+        **missing,
         "rule": "one row per frontal image (ViewPosition AP or PA) whose study datetime lies in "
         "[intime, outtime] of an ED stay of the same subject; of several, the latest intime, "
         "ties to the larger stay_id",
@@ -1064,6 +1088,7 @@ def generate(
         counts=counts,
         faults=by_kind,
         answer_dir=answer_dir,
+        not_in_split=tuple(generator.not_in_split),
     )
 
 
@@ -1131,6 +1156,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--faults", type=int, default=0,
                         help="frontal in-stay images made into each fault kind: missing, "
                         "empty, truncated, not an image")
+    parser.add_argument("--split_missing", type=int, default=0,
+                        help="subjects with a linked frontal image left out of the split "
+                        "table (for --split official's rule for absent patients)")
     parser.add_argument("--radiograph_dir", default=None,
                         help="folder of seed radiograph PNGs for the image texture (default: "
                         "the two NIH ChestX-ray14 PNGs bundled in synthetic/radiographs/)")
@@ -1147,7 +1175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> GeneratedDataset:
             args.output_dir, n_patients=200 if args.n_patients is None else args.n_patients,
             seed=args.seed, image_height=args.image_height, image_width=args.image_width,
             image_pool=args.image_pool, faults=args.faults, radiograph_dir=args.radiograph_dir,
-            scale=args.scale, images=not args.no_images,
+            scale=args.scale, images=not args.no_images, split_missing=args.split_missing,
         )
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-RADIOGRAPHS = REPO / "transforms" / "radiographs"  # bundled: the repository stands alone
+RADIOGRAPHS = REPO / "synthetic" / "radiographs"  # bundled: the repository stands alone
 TEST_BUCKET = "test-bucket"
 
 

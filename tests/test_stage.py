@@ -226,7 +226,7 @@ def test_stage_copies_the_tables_and_exactly_the_cohorts_images(source_dataset, 
     missing = {f"{data.mimic_cxr_dir}/" + p for p in _answer_missing(data)}
     assert len(answer) > 20 and len(missing) == 1
     tables = [f"{roots[schema.TABLES[n].root]}/{schema.TABLES[n].relpath}"
-              for n in schema.INPUT_TABLES]
+              for n in (*schema.INPUT_TABLES, "split")]
     expected = {stage.staged_uri(uri, stage_to) for uri in tables + sorted(answer - missing)}
 
     # The dry run plans and copies nothing.

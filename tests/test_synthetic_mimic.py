@@ -352,7 +352,7 @@ def test_bad_arguments_fail_clearly_and_publish_nothing(tmp_path: Path) -> None:
 
 
 def test_cli_prints_where_and_what(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = synthetic_mimic.main([
+    result = mimic.main([
         "--output_dir", str(tmp_path), "--n_patients", "5", "--seed", "1",
         "--image_height", "40", "--image_width", "32", "--image_pool", "2", "--faults", "1",
     ])
@@ -362,7 +362,7 @@ def test_cli_prints_where_and_what(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"fault missing: {result.faults['missing'][0]}" in out
 
     with pytest.raises(SystemExit) as exit_info:
-        synthetic_mimic.main(["--help"])
+        mimic.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--output_dir", "--n_patients", "--seed", "--image_height", "--image_width",
@@ -370,7 +370,7 @@ def test_cli_prints_where_and_what(tmp_path: Path, capsys: pytest.CaptureFixture
         assert flag in help_text
 
     with pytest.raises(SystemExit, match="faults=99 needs"):
-        synthetic_mimic.main(["--output_dir", str(tmp_path / "x"), "--n_patients", "2",
+        mimic.main(["--output_dir", str(tmp_path / "x"), "--n_patients", "2",
                               "--faults", "99", "--image_height", "40", "--image_width", "32"])
 
 
@@ -421,10 +421,10 @@ def test_answer_is_the_cohort_recomputed_from_the_files(
 
 
 def test_scale_plan_aims_at_mimic_row_counts() -> None:
-    plan = synthetic_mimic.plan_scale("mimic")
+    plan = mimic.plan_scale("mimic")
     assert plan.factor == 1.0 and plan.n_patients == 364_627
-    expected = synthetic_mimic.expected_counts(plan)
-    for name, real in synthetic_mimic.MIMIC_ROW_COUNTS.items():
+    expected = mimic.expected_counts(plan)
+    for name, real in mimic.MIMIC_ROW_COUNTS.items():
         assert abs(expected[name] / real - 1) < 0.02, (name, expected[name], real)
     assert 0.63 < expected["frontal_images"] / expected["metadata"] < 0.66
     assert 108_000 < expected["linked_images"] < 116_000
@@ -433,12 +433,12 @@ def test_scale_plan_aims_at_mimic_row_counts() -> None:
     assert 200_000 < ed < 210_000 and 0.2 < groups["ed_and_cxr"] / ed < 0.3
     assert groups["cxr_only"] > 0 and groups["neither"] > 0
 
-    tenth = synthetic_mimic.plan_scale(0.1)
+    tenth = mimic.plan_scale(0.1)
     assert tenth.groups == {k: round(v / 10) for k, v in groups.items()}
-    assert synthetic_mimic.plan_scale("0.1") == tenth
+    assert mimic.plan_scale("0.1") == tenth
     for bad in ("big", 0, -1, 11, "nan"):
         with pytest.raises(ValueError, match="scale="):
-            synthetic_mimic.plan_scale(bad)
+            mimic.plan_scale(bad)
 
 
 @pytest.fixture(scope="module")
@@ -449,8 +449,8 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> GeneratedDataset:
 
 
 def test_small_scale_has_mimic_shape_and_the_answer_holds(scaled: GeneratedDataset) -> None:
-    plan = synthetic_mimic.plan_scale(0.002)
-    expected = synthetic_mimic.expected_counts(plan)
+    plan = mimic.plan_scale(0.002)
+    expected = mimic.expected_counts(plan)
     groups = plan.groups
     counts = scaled.counts
     assert counts["patients"] == plan.n_patients
@@ -505,21 +505,21 @@ def test_scaled_generation_is_deterministic(tmp_path: Path, scaled: GeneratedDat
 
 
 def test_cli_scale_and_no_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = synthetic_mimic.main([
+    result = mimic.main([
         "--output_dir", str(tmp_path), "--scale", "0.0005", "--no_images", "--seed", "2",
     ])
     out = capsys.readouterr().out
     assert f"answer          {tmp_path}/answer/cohort.csv.gz" in out
     assert result.counts["images_written"] == 0
-    assert result.counts["patients"] == synthetic_mimic.plan_scale(0.0005).n_patients
+    assert result.counts["patients"] == mimic.plan_scale(0.0005).n_patients
     assert list(tmp_path.rglob("*.jpg")) == []
     with pytest.raises(SystemExit, match="not both"):
-        synthetic_mimic.main(["--output_dir", str(tmp_path), "--scale", "mimic",
+        mimic.main(["--output_dir", str(tmp_path), "--scale", "mimic",
                               "--n_patients", "5"])
     with pytest.raises(SystemExit, match="scale='huge'"):
-        synthetic_mimic.main(["--output_dir", str(tmp_path), "--scale", "huge"])
+        mimic.main(["--output_dir", str(tmp_path), "--scale", "huge"])
     with pytest.raises(SystemExit) as exit_info:
-        synthetic_mimic.main(["--help"])
+        mimic.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     assert "--scale" in help_text and "--no_images" in help_text

@@ -7,7 +7,8 @@ The counts are summed into a small side input of the step that commits the outpu
 `check_conservation` checks the equations of SPEC.md ("Conservation"): each table's rows read
 = rows joined + rows set aside by a counted rule; metadata rows = not frontal + bad time + not
 in --limit + joined images; joined images = no ED stay (+ aggressive drops) + records; records
-= failed + spilled; spilled = written. Counted by the emitter, a count lost in transit breaks
+= failed + spilled; spilled = written; with --split official, the split table's rows read = rows
+that reached the assignment. Counted by the emitter, a count lost in transit breaks
 an equation as surely as a lost row, so a lossy run fails with one line and commits nothing.
 """
 
@@ -28,6 +29,7 @@ ARRIVED_SPLIT_RECORDS = "arrived/split_stats_records"
 ARRIVED_DEAD_LETTERS = "arrived/dead_letters"
 ARRIVED_DROPPED = "arrived/dropped"
 ARRIVED_ASSIGNED_RECORDS = "arrived/assigned_records"
+ARRIVED_SPLIT_TABLE_ROWS = "arrived/split_table_rows"  # --split official only
 
 
 class ConservationError(RuntimeError):
@@ -112,6 +114,9 @@ def check_conservation(
     equations = _join_equations(ledger, tables)
     equations.append(("split", ARRIVED_ASSIGNED_RECORDS, get(ARRIVED_ASSIGNED_RECORDS),
                       ["cohort/records"], get("cohort/records")))
+    if ARRIVED_SPLIT_TABLE_ROWS in ledger:
+        equations.append(("split table", "tables/split_rows", get("tables/split_rows"),
+                          [ARRIVED_SPLIT_TABLE_ROWS], get(ARRIVED_SPLIT_TABLE_ROWS)))
     if committed:
         dropped = ["cohort/not_frontal", "cohort/not_in_limit", "cohort/no_ed_stay",
                    "cohort/no_triage", "cohort/no_chief_complaint"]

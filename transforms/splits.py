@@ -27,6 +27,22 @@ absent from them gets a split drawn from a sha256 of (the file's seed, subject_i
 file's ratios (`hash_split`), is counted in `SplitAssignment.patients_not_in_indices` (and in
 metadata.json), and a warning gives the count. Patients of the file absent from this cohort are
 left out of this output's indices.
+
+The official split (`--split official`): MIMIC-CXR-JPG's `mimic-cxr-2.0.0-split.csv.gz`, one row
+per image (dicom_id, study_id, subject_id, split), for comparison with published work. It is
+read on the analyze path and reduced to one `SubjectSplit` per subject (`subject_split`), which
+reaches the assignment as an `AsDict` side input (~65k subjects for MIMIC). Rules:
+    splits         "train" -> train, "validate" -> val, "test" -> test; any other value fails
+                   the run, naming it.
+    conflicts      MIMIC's split is by subject; a subject with rows in several splits would be
+                   a fault of the table, and goes to the most restrictive of them (test, then
+                   val, then train), so no image of the official test (or validate) set is
+                   trained on. Counted (`patients_with_conflicting_splits`) and logged.
+    absent         a cohort patient without a row gets `hash_split` against --train/val/test
+                   ratios and --seed, as for reused indices; counted (`patients_not_in_table`)
+                   and logged, never silent.
+Table subjects outside the cohort are not in the output's indices; their rows are counted, so
+the conservation check sees every row read (`OfficialCounts.table_rows`).
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ import hashlib
 import json
 import logging
 import math
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 
@@ -45,6 +61,7 @@ from transforms.join import schema
 
 from transforms import storage
 from transforms.errors import InputError
+from transforms.ledger import ARRIVED_ASSIGNED_RECORDS, ARRIVED_SPLIT_TABLE_ROWS
 from transforms.records import CohortRecord
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -53,6 +70,16 @@ DEFAULT_SEED = 42
 INDICES_VERSION = 1
 INDICES_NAME = "stratification_indices.json"
 STRATIFICATION_KEYS: tuple[str, ...] = ("view_position", "clinical", "labels")
+
+# Where a run's splits come from (metadata.json "split_source"); --split chooses between the
+# first two, --stratification_indices makes the third.
+STRATIFIED = "stratified"
+OFFICIAL = "official"
+INDICES = "indices"
+SPLIT_CHOICES: tuple[str, ...] = (STRATIFIED, OFFICIAL)
+# The official table's split names, and ours; most restrictive first (see "conflicts").
+OFFICIAL_NAMES: dict[str, str] = {"test": "test", "validate": "val", "train": "train"}
+_RESTRICTIVE = ("test", "val", "train")
 
 CLINICAL_FULL = "triage_and_vitals"
 CLINICAL_PARTIAL = "partial"
@@ -76,6 +103,33 @@ class PatientStratum:
     n_records: int
 
 
+class SubjectSplit(NamedTuple):
+    """One subject of the official split table: its split (ours), rows, and whether its rows
+    named more than one split."""
+
+    split: str
+    rows: int
+    conflicting: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialCounts:
+    """How an official assignment was made (metadata.json "official_split").
+
+    Attributes:
+        patients_from_table: cohort patients whose split the table gave.
+        patients_not_in_table: cohort patients without a row, assigned by `hash_split`.
+        patients_with_conflicting_splits: cohort patients whose rows named several splits
+            (put in the most restrictive).
+        table_rows: every row of the table, of cohort patients or not (conservation).
+    """
+
+    patients_from_table: int
+    patients_not_in_table: int
+    patients_with_conflicting_splits: int
+    table_rows: int
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitAssignment:
     """Every cohort patient's split, and how it was made.
@@ -83,11 +137,14 @@ class SplitAssignment:
     Attributes:
         splits: subject_id -> "train" | "val" | "test".
         seed: the seed of the assignment (the indices file's seed when reused).
-        ratios: (train, val, test) shares (the indices file's when reused).
+        ratios: (train, val, test) shares (the indices file's when reused); with the official
+            split, those `hash_split` drew patients absent from the table against.
         patients_not_in_indices: with reused indices, the patients the file did not hold
-            (assigned by `hash_split`); None when the split was computed here.
+            (assigned by `hash_split`); None when the split was not reused.
         records: how many records the assignment was made from (the conservation check
             compares it with the join's count); None when read from a file.
+        source: STRATIFIED, OFFICIAL or INDICES.
+        official: the official split's counts; None for the other sources.
     """
 
     splits: Mapping[int, str]
@@ -95,10 +152,19 @@ class SplitAssignment:
     ratios: tuple[float, float, float]
     patients_not_in_indices: Optional[int] = None
     records: Optional[int] = dataclasses.field(default=None, compare=False)
+    source: str = STRATIFIED
+    official: Optional[OfficialCounts] = None
 
     @property
     def reused(self) -> bool:
-        return self.patients_not_in_indices is not None
+        return self.source == INDICES
+
+    def arrived(self) -> dict[str, int]:
+        """The ledger entries of what reached the assignment (`transforms.ledger`)."""
+        entries = {ARRIVED_ASSIGNED_RECORDS: self.records}
+        if self.official is not None:
+            entries[ARRIVED_SPLIT_TABLE_ROWS] = self.official.table_rows
+        return entries
 
     def split_of(self, subject_id: int) -> str:
         """The split of `subject_id`.
@@ -253,7 +319,69 @@ def reuse_splits(
             "assigned by a stable hash against the indices' ratios",
             unknown, len(splits),
         )
-    return SplitAssignment(dict(sorted(splits.items())), indices.seed, indices.ratios, unknown)
+    return SplitAssignment(dict(sorted(splits.items())), indices.seed, indices.ratios, unknown,
+                           source=INDICES)
+
+
+def subject_split(subject_id: int, counts: Mapping[str, int]) -> SubjectSplit:
+    """One subject's official split from its rows' split values and how many rows name each.
+
+    Raises:
+        InputError: a value other than train, validate or test (the message names it).
+    """
+    unknown = sorted((name for name in counts if name not in OFFICIAL_NAMES), key=str)
+    if unknown:
+        raise InputError(
+            f"{schema.TABLES['split'].relpath}: subject {subject_id} has split {unknown[0]!r}; "
+            f"allowed: {', '.join(sorted(OFFICIAL_NAMES))}")
+    ours = {OFFICIAL_NAMES[name] for name, n in counts.items() if n}
+    split = next(s for s in _RESTRICTIVE if s in ours)
+    return SubjectSplit(split, sum(counts.values()), len(ours) > 1)
+
+
+def table_splits(rows: Iterable[tuple[int, str]]) -> dict[int, SubjectSplit]:
+    """Every subject of the official table from its (subject_id, split) rows, by
+    `subject_split`: the pure form of `SplitPatients`' reduction of the table."""
+    counts: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    for subject_id, split in rows:
+        counts[subject_id][split] += 1
+    return {sid: subject_split(sid, c) for sid, c in sorted(counts.items())}
+
+
+def official_assignment(
+    patients: Iterable[PatientStratum],
+    table: Mapping[int, SubjectSplit],
+    ratios: Sequence[float],
+    seed: int,
+) -> SplitAssignment:
+    """The cohort's patients in the official table's splits; `hash_split` (against `ratios`,
+    `seed`) for those without a row (see the module docstring)."""
+    ratios = check_ratios(ratios)
+    splits: dict[int, str] = {}
+    absent = conflicting = 0
+    for patient in patients:
+        entry = table.get(patient.subject_id)
+        if entry is None:
+            absent += 1
+            splits[patient.subject_id] = hash_split(patient.subject_id, ratios, seed)
+        else:
+            conflicting += entry.conflicting
+            splits[patient.subject_id] = entry.split
+    relpath = schema.TABLES["split"].relpath
+    if absent:
+        _LOG.warning("%d of %d patients are not in %s; each was assigned by a stable hash "
+                     "against --train/val/test_ratio", absent, len(splits), relpath)
+    if conflicting:
+        _LOG.warning("%d patients have rows of several splits in %s; each went to the most "
+                     "restrictive (test, val, train)", conflicting, relpath)
+    counts = OfficialCounts(
+        patients_from_table=len(splits) - absent,
+        patients_not_in_table=absent,
+        patients_with_conflicting_splits=conflicting,
+        table_rows=sum(entry.rows for entry in table.values()),
+    )
+    return SplitAssignment(dict(sorted(splits.items())), seed, ratios, source=OFFICIAL,
+                           official=counts)
 
 
 def make_assignment(
@@ -261,27 +389,36 @@ def make_assignment(
     ratios: Sequence[float],
     seed: int,
     indices: Optional[SplitAssignment] = None,
+    table: Optional[Mapping[int, SubjectSplit]] = None,
 ) -> SplitAssignment:
-    """The split of every patient: computed here, or reused from `indices` when given."""
+    """The split of every patient: computed here, reused from `indices`, or the official
+    `table`'s (`table_splits`), whichever is given."""
     patients = list(patients)
     n_records = sum(p.n_records for p in patients)
     if indices is not None:
         return dataclasses.replace(reuse_splits(patients, indices), records=n_records)
+    if table is not None:
+        return dataclasses.replace(official_assignment(patients, table, ratios, seed),
+                                   records=n_records)
     splits = assign_splits(patients, ratios, seed)
     return SplitAssignment(dict(sorted(splits.items())), seed, tuple(ratios), records=n_records)
 
 
 def indices_bytes(assignment: SplitAssignment) -> bytes:
-    """stratification_indices.json for `assignment`: sorted keys, no timestamps."""
+    """stratification_indices.json for `assignment`: sorted keys, no timestamps. An official
+    split's file says so ("split_source") and has no stratification keys."""
     counts = collections.Counter(assignment.splits.values())
+    official = assignment.source == OFFICIAL
     doc = {
         "version": INDICES_VERSION,
         "seed": assignment.seed,
         "ratios": dict(zip(SPLITS, assignment.ratios)),
-        "stratification_keys": list(STRATIFICATION_KEYS),
+        "stratification_keys": [] if official else list(STRATIFICATION_KEYS),
         "n_patients": {split: counts.get(split, 0) for split in SPLITS},
         "patients": {str(sid): split for sid, split in sorted(assignment.splits.items())},
     }
+    if official:
+        doc["split_source"] = OFFICIAL
     return (json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n").encode()
 
 
@@ -336,14 +473,28 @@ def _subject_and_stratum(record: CohortRecord) -> tuple[int, str]:
     return record.subject_id, record_stratum(record)
 
 
-class _CountStrataFn(beam.CombineFn):
-    """Per patient: how many of its records fall in each stratum."""
+_TABLE_COLUMNS = schema.TABLES["split"].required
+_TABLE_SUBJECT = _TABLE_COLUMNS.index("subject_id")
+_TABLE_SPLIT = _TABLE_COLUMNS.index("split")
+
+
+def _subject_and_table_split(row: tuple) -> tuple[int, str]:
+    return row[_TABLE_SUBJECT], row[_TABLE_SPLIT]
+
+
+def _keyed_subject_split(subject_id: int, counts: Mapping[str, int]) -> tuple[int, SubjectSplit]:
+    return subject_id, subject_split(subject_id, counts)
+
+
+class _CountValuesFn(beam.CombineFn):
+    """Per key: how many times each value occurs (a patient's strata, a subject's official
+    splits)."""
 
     def create_accumulator(self) -> collections.Counter:
         return collections.Counter()
 
-    def add_input(self, accumulator: collections.Counter, stratum: str) -> collections.Counter:
-        accumulator[stratum] += 1
+    def add_input(self, accumulator: collections.Counter, value: str) -> collections.Counter:
+        accumulator[value] += 1
         return accumulator
 
     def merge_accumulators(
@@ -355,7 +506,7 @@ class _CountStrataFn(beam.CombineFn):
         return merged
 
     def extract_output(self, accumulator: collections.Counter) -> dict[str, int]:
-        return dict(sorted(accumulator.items()))
+        return dict(sorted(accumulator.items(), key=lambda item: str(item[0])))
 
 
 @beam.typehints.with_input_types(CohortRecord)
@@ -365,12 +516,15 @@ class SplitPatients(beam.PTransform):
 
     Input: records.CohortRecord (the joined metadata; no images are touched).
     Output: a PCollection of exactly one `SplitAssignment`, to be read downstream as
-        `beam.pvalue.AsSingleton(...)`. No dead letters: every record has a stratum.
+        `beam.pvalue.AsSingleton(...)`. No dead letters: every record has a stratum. A value
+        of the official table other than train, validate or test fails the run (InputError).
 
     Args:
         ratios: (train, val, test) record shares, already checked (`pipelines.config`).
         seed: seed of the patient order (and of `hash_split` for new patients).
         indices: a `read_indices` result to reuse instead of computing the split.
+        table: the rows of the official split table (`ReadTable` of schema.TABLES["split"])
+            to follow instead of computing the split (`--split official`).
     """
 
     def __init__(
@@ -378,21 +532,34 @@ class SplitPatients(beam.PTransform):
         ratios: Sequence[float] = DEFAULT_RATIOS,
         seed: int = DEFAULT_SEED,
         indices: Optional[SplitAssignment] = None,
+        table: Optional[beam.PCollection] = None,
     ) -> None:
         super().__init__()
         self._ratios = tuple(float(r) for r in ratios)
         self._seed = int(seed)
         self._indices = indices
+        self._table = table
 
     def expand(self, cohort: beam.PCollection) -> beam.PCollection:
-        return (
+        patients = (
             cohort
             | "RecordStrata" >> beam.Map(_subject_and_stratum)
-            | "CountPatientStrata" >> beam.CombinePerKey(_CountStrataFn())
+            | "CountPatientStrata" >> beam.CombinePerKey(_CountValuesFn())
             | "PatientStratum" >> beam.MapTuple(patient_stratum)
             | "AllPatients" >> beam.combiners.ToList()
-            | "Assign" >> beam.Map(make_assignment, self._ratios, self._seed, self._indices)
         )
+        if self._table is None:
+            return patients | "Assign" >> beam.Map(
+                make_assignment, self._ratios, self._seed, self._indices)
+        # One small entry per subject of the table (~65k for MIMIC), not one per image.
+        subjects = (
+            self._table
+            | "TableSubjectSplit" >> beam.Map(_subject_and_table_split)
+            | "CountSubjectSplits" >> beam.CombinePerKey(_CountValuesFn())
+            | "SubjectSplit" >> beam.MapTuple(_keyed_subject_split)
+        )
+        return patients | "Assign" >> beam.Map(
+            make_assignment, self._ratios, self._seed, None, beam.pvalue.AsDict(subjects))
 
 
 @beam.typehints.with_input_types(SplitAssignment)
@@ -422,9 +589,9 @@ class WriteIndices(beam.PTransform):
 
     def _write(self, assignment: SplitAssignment, ledger=None) -> str:
         if ledger is not None:
-            from transforms.ledger import ARRIVED_ASSIGNED_RECORDS, check_conservation
+            from transforms.ledger import check_conservation
 
-            check_conservation({**ledger, ARRIVED_ASSIGNED_RECORDS: assignment.records},
-                               self._tables, committed=False)
+            check_conservation({**ledger, **assignment.arrived()}, self._tables,
+                               committed=False)
         write_indices(self._path, assignment)
         return self._path

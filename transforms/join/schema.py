@@ -146,7 +146,6 @@ TABLES: dict[str, TableSpec] = {
             "mimic-cxr-2.0.0-split.csv.gz",
             ("dicom_id", "study_id", "subject_id", "split"),
             ("dicom_id", "study_id", "subject_id", "split"),
-            optional=True,
         ),
     )
 }

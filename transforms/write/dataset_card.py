@@ -77,13 +77,32 @@ def _counts(counts: Mapping[str, int]) -> str:
     return _table(("reason", "count"), [*rows, ("**total**", total)])
 
 
+def _split_source(meta: Mapping[str, Any]) -> str:
+    """How the patients were split (metadata.json "split_source")."""
+    strat = meta.get("stratification", {})
+    official = meta.get("official_split")
+    if meta.get("split_source") == "official" and official:
+        return (
+            f"The official MIMIC-CXR-JPG split (`{official['table']}`, by subject; validate is "
+            f"val): {official['patients_from_table']} patients from the table, "
+            f"{official['patients_not_in_table']} absent from it assigned by a stable hash "
+            f"(seed {strat.get('seed')}) against the shares "
+            + ", ".join(f"{s} {strat.get('ratios', {}).get(s, 0):g}" for s in _SPLITS) + ", "
+            f"{official['patients_with_conflicting_splits']} with rows in several splits put "
+            "in the most restrictive (test, then val).")
+    return (f"Stratified on {_value(strat.get('keys'))}, seed {strat.get('seed')}"
+            + (", patients reused from a saved stratification_indices.json"
+               if strat.get("reused_indices") else "") + ".")
+
+
 def render_card(meta: Mapping[str, Any]) -> str:
     """The card's Markdown for a metadata.json document."""
     config = meta.get("config", {})
     splits = meta["splits"]
     chunks = {s: sum(1 for c in meta["chunks"] if c["split"] == s) for s in _SPLITS}
     strat = meta.get("stratification", {})
-    ratios = strat.get("ratios", {})
+    # The official split has no target shares (its ratios only draw absent patients).
+    ratios = {} if meta.get("split_source") == "official" else strat.get("ratios", {})
     split_rows = [(s, splits[s]["records"], splits[s]["patients"], chunks[s], ratios.get(s))
                   for s in _SPLITS]
     split_rows.append(("**total**", meta["total_records"],
@@ -124,10 +143,7 @@ def render_card(meta: Mapping[str, Any]) -> str:
         "",
         "## Splits",
         "",
-        "Patient-level: no subject_id is in two splits. Stratified on "
-        f"{_value(strat.get('keys'))}, seed {strat.get('seed')}"
-        + (", patients reused from a saved stratification_indices.json"
-           if strat.get("reused_indices") else "") + ".",
+        "Patient-level: no subject_id is in two splits. " + _split_source(meta),
         "",
         _table(("split", "records", "patients", "chunks", "target share"), split_rows),
         "",

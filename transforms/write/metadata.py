@@ -370,8 +370,12 @@ def build_metadata(
             "indices": INDICES_NAME,
         },
     }
+    meta["split_source"] = assignment.source
     if assignment.reused:
         meta["patients_not_in_indices"] = assignment.patients_not_in_indices
+    if assignment.official is not None:
+        meta["official_split"] = {"table": schema.TABLES["split"].relpath,
+                                  **dataclasses.asdict(assignment.official)}
     return meta
 
 
@@ -443,7 +447,7 @@ class _CommitFn(beam.DoFn):
             ledger_names.ARRIVED_SPLIT_RECORDS: sum(s["records"] for s in stats.values()),
             ledger_names.ARRIVED_DEAD_LETTERS: len(dead),
             ledger_names.ARRIVED_DROPPED: sum(n for _, n in dropped),
-            ledger_names.ARRIVED_ASSIGNED_RECORDS: assignment.records,
+            **assignment.arrived(),
         }, self._tables)
         out = self._output_dir
         storage.write_bytes(storage.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))

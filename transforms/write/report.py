@@ -371,6 +371,7 @@ def _headline(meta: Mapping[str, Any]) -> str:
         ("split ratios (train, val, test)", ", ".join(
             f"{strat.get('ratios', {}).get(s, 0):g}" for s in _SPLITS)),
         ("reused stratification indices", "yes" if strat.get("reused_indices") else "no"),
+        ("split source", meta.get("split_source", "stratified")),
     ], numeric_from=2)
     return f'<div class="tables">{counts}{losses}{facts}</div>'
 
