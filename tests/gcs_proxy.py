@@ -13,14 +13,13 @@ for an object that exists with 412, as GCS does, so that `if_absent` can be exer
 from __future__ import annotations
 
 import collections
-import dataclasses
 import http.client
 import json
 import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 _BATCH_LINE = re.compile(rb"^(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.1", re.M)
@@ -30,8 +29,7 @@ _PRECONDITION_FAILED = (b'{"error": {"code": 412, "message": "At least one of th
                         b'you specified did not hold."}}')
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):  # a tuple too: (method, path, query)
     method: str
     path: str  # without the query
     query: dict[str, list[str]]

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import csv
 import gzip
-import http.client
-import http.server
 import io
 import json
 import os
-import threading
-import urllib.parse
 
 import pytest
 
 from pipelines import stage
 from pipelines.stage import ObjectInfo, StageObject
+from tests.gcs_proxy import CountingProxy
 from transforms.join import schema
 from transforms.errors import InputError
 
@@ -113,47 +110,6 @@ def test_estimate_states_cost_and_time_from_the_listed_figures():
 
 
 # ----------------------------------------------------------------------------- the emulator
-class _RecordingProxy(http.server.ThreadingHTTPServer):
-    """Forwards every request to the emulator and records (method, path, query)."""
-
-    def __init__(self, upstream: str) -> None:
-        super().__init__(("127.0.0.1", 0), _ForwardHandler)
-        self.upstream = urllib.parse.urlsplit(upstream).netloc
-        self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
-        self.lock = threading.Lock()
-
-
-class _ForwardHandler(http.server.BaseHTTPRequestHandler):
-    server: _RecordingProxy
-
-    def _forward(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() != "connection"}  # Host kept: the emulator's links name it
-        upstream = http.client.HTTPConnection(self.server.upstream, timeout=60)
-        upstream.request(self.command, self.path, body=body, headers=headers)
-        response = upstream.getresponse()
-        data = response.read()
-        upstream.close()
-        url = urllib.parse.urlsplit(self.path)
-        with self.server.lock:
-            self.server.requests.append(
-                (self.command, urllib.parse.unquote(url.path), urllib.parse.parse_qs(url.query)))
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def _client():
     from google.cloud import storage
 
@@ -178,14 +134,11 @@ def proxy(source_dataset):
     """Points google-cloud-storage at the recording proxy for this module's stage runs (the
     dataset is generated before, so no cached client of other tests goes through it)."""
     upstream = os.environ["STORAGE_EMULATOR_HOST"]
-    server = _RecordingProxy(upstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{server.server_address[1]}"
+    server = CountingProxy(upstream)
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
     yield server
     os.environ["STORAGE_EMULATOR_HOST"] = upstream
-    server.shutdown()
-    server.server_close()
+    server.close()
 
 
 def _roots(data) -> dict[str, str]:
@@ -209,12 +162,12 @@ def _listing(uri: str) -> dict[str, bytes]:
             for b in _client().list_blobs(bucket, prefix=prefix)}
 
 
-def _source_requests(server: _RecordingProxy) -> list[tuple[str, str, dict]]:
+def _source_requests(server: CountingProxy) -> list[tuple[str, str, dict]]:
     marker = f"/b/{SOURCE_BUCKET}/"
     return [r for r in server.requests if marker in r[1] + "/"]
 
 
-def _rewrites(server: _RecordingProxy) -> list[str]:
+def _rewrites(server: CountingProxy) -> list[str]:
     return [path for method, path, _ in server.requests if "/rewriteTo/" in path]
 
 
@@ -230,7 +183,7 @@ def test_stage_copies_the_tables_and_exactly_the_cohorts_images(source_dataset, 
     expected = {stage.staged_uri(uri, stage_to) for uri in tables + sorted(answer - missing)}
 
     # The dry run plans and copies nothing.
-    proxy.requests.clear()
+    proxy.reset()
     report = stage.run_stage(roots, stage_to, BILLING, dry_run=True, workers=4)
     out = capsys.readouterr().out
     assert f"objects: {len(expected)} ({len(tables)} tables, {len(answer) - 1} cohort images)" \
@@ -240,7 +193,7 @@ def test_stage_copies_the_tables_and_exactly_the_cohorts_images(source_dataset, 
     assert report.plan.missing == tuple(sorted(missing))
 
     # The copy: exactly the tables and the cohort's images, same bytes, and the manifest.
-    proxy.requests.clear()
+    proxy.reset()
     report = stage.run_stage(roots, stage_to, BILLING, workers=4, progress_seconds=0.05)
     calls = _source_requests(proxy)
     staged = _listing(stage_to)
@@ -269,7 +222,7 @@ def test_stage_copies_the_tables_and_exactly_the_cohorts_images(source_dataset, 
     assert {o.source for o in restaged.objects} == expected
 
     # A re-run copies nothing and leaves the manifest as it was.
-    proxy.requests.clear()
+    proxy.reset()
     again = stage.run_stage(roots, stage_to, BILLING, workers=4)
     assert (again.plan.to_copy, again.manifest_written) == ((), False)
     assert _rewrites(proxy) == [] and _listing(stage_to) == staged
@@ -279,7 +232,7 @@ def test_stage_copies_the_tables_and_exactly_the_cohorts_images(source_dataset, 
     changed = sorted(u for u in expected if u.endswith(".jpg"))[3]
     bucket, name = stage.split_gs(changed)
     _client().bucket(bucket).blob(name).upload_from_string(b"not the source's bytes")
-    proxy.requests.clear()
+    proxy.reset()
     third = stage.run_stage(roots, stage_to, BILLING, workers=4)
     assert [o.dest for o in third.plan.to_copy] == [changed]
     assert len(_rewrites(proxy)) == 1 and _listing(stage_to) == staged
@@ -381,7 +334,7 @@ def test_the_launcher_stages_then_submits_reading_the_copy(source_dataset, proxy
     # The preflight of that job finds the copy complete, and its reads bill no one.
     job = dc.job_config(dc.load(config), out=lambda line: None)
     lines: list[str] = []
-    proxy.requests.clear()
+    proxy.reset()
     dc.check_before_submission(job, ("AP", "PA"), out=lines.append)
     assert [line for line in lines if "error" in line] == []
     assert lines[-1] == "preflight: inputs, output_dir and temp_location checked"
