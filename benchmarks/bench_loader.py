@@ -17,10 +17,13 @@ subprocess so that peak memory is its own:
 - the shuffle's reach: distinct chunks per batch for the former default window (2 chunks)
   and the default (4096 records), from the epoch order alone, and the memory a window holds;
 - gs:// from a local gcp-storage-emulator, with and without `prefetch`: first batch and
-  records/s over an epoch, for windows of 2 chunks and the default.
+  records/s over an epoch, for windows of 2 chunks and the default; over loopback and over a
+  link shaped like GCS from a VM in its region (a proxy that delays each response's first byte
+  and throttles each stream: by default 50 ms and 100 MB/s).
 
 Run:  .venv/bin/python benchmarks/bench_loader.py [--chunks 50] [--records 1000]
-          [--sections throughput,epoch,columns,shuffle,gcs]
+          [--sections throughput,epoch,columns,shuffle,gcs] [--gcs_latency_ms 50]
+          [--gcs_mb_per_s 100]
 """
 
 from __future__ import annotations
@@ -267,12 +270,18 @@ def _emulator() -> tuple[subprocess.Popen, str]:
     return proc, "gs://bench-bucket"
 
 
-def gcs_prefetch(out_dir: Path, batch_size: int, tmp: Path) -> list[dict]:
+def gcs_prefetch(
+    out_dir: Path, batch_size: int, tmp: Path, latency_ms: float, mb_per_s: float
+) -> list[dict]:
     """First batch and records/s over a whole epoch from the emulator, uint8 images in the
-    training process, each run with an empty download cache; with and without prefetch."""
+    training process, each run with an empty download cache; with and without prefetch, over
+    loopback and over the shaped link."""
+    from tests.gcs_proxy import CountingProxy
     from transforms.chunks.dataset import DEFAULT_PREFETCH, DEFAULT_SHUFFLE_WINDOW
 
     proc, bucket = _emulator()
+    emulator = os.environ["STORAGE_EMULATOR_HOST"]
+    shaped = CountingProxy(emulator, latency_ms / 1000, mb_per_s * 1e6)
     try:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
@@ -283,16 +292,21 @@ def gcs_prefetch(out_dir: Path, batch_size: int, tmp: Path) -> list[dict]:
                 client.bucket("bench-bucket").blob(
                     f"out/{path.relative_to(out_dir).as_posix()}").upload_from_filename(path)
         results = []
-        for window in (2 * RECORDS_PER_CHUNK, DEFAULT_SHUFFLE_WINDOW):
-            for prefetch in (0, DEFAULT_PREFETCH):
-                cache = tmp / f"cache-{window}-{prefetch}"
-                options = {"shuffle_window": window, "prefetch": prefetch,
-                           "cache_dir": str(cache)}
-                results.append(_subprocess(f"{bucket}/out", 0, 0, batch_size, "uint8",
-                                           options))
-                shutil.rmtree(cache, ignore_errors=True)
+        link = f"{latency_ms:g} ms, {mb_per_s:g} MB/s per stream"
+        for name, host in (("loopback", emulator), (link, shaped.url)):
+            os.environ["STORAGE_EMULATOR_HOST"] = host  # the measuring processes inherit it
+            for window in (2 * RECORDS_PER_CHUNK, DEFAULT_SHUFFLE_WINDOW):
+                for prefetch in (0, DEFAULT_PREFETCH):
+                    cache = tmp / f"cache-{window}-{prefetch}"
+                    options = {"shuffle_window": window, "prefetch": prefetch,
+                               "cache_dir": str(cache)}
+                    results.append({"link": name, **_subprocess(
+                        f"{bucket}/out", 0, 0, batch_size, "uint8", options)})
+                    shutil.rmtree(cache, ignore_errors=True)
         return results
     finally:
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator
+        shaped.close()
         proc.terminate()
         proc.wait(timeout=10)
 
@@ -368,6 +382,10 @@ def main() -> None:
     parser.add_argument("--image_dtype", default="float32")
     parser.add_argument("--gcs_chunks", type=int, default=12,
                         help="chunks of the output served by the GCS emulator")
+    parser.add_argument("--gcs_latency_ms", type=float, default=50,
+                        help="shaped link: first-byte latency of each GCS response")
+    parser.add_argument("--gcs_mb_per_s", type=float, default=100,
+                        help="shaped link: bandwidth of each GCS download stream, MB/s")
     parser.add_argument("--sections", default="throughput,epoch,columns,shuffle,gcs",
                         help="which measurements to run, comma-separated")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
@@ -417,11 +435,13 @@ def main() -> None:
                 print("shuffle reach:", json.dumps(row))
         if "gcs" in sections:
             write_output(remote, args.gcs_chunks, IMAGE_SIZE)
-            for row in gcs_prefetch(remote, args.batch_size, tmp):
+            for row in gcs_prefetch(remote, args.batch_size, tmp, args.gcs_latency_ms,
+                                    args.gcs_mb_per_s):
                 print("gcs emulator:", json.dumps(row))
         print("reproduce: cd", REPO, "&& .venv/bin/python benchmarks/bench_loader.py",
               f"--chunks {args.chunks} --records {args.records} --batch_size {args.batch_size}",
-              f"--gcs_chunks {args.gcs_chunks} --sections {args.sections}")
+              f"--gcs_chunks {args.gcs_chunks} --gcs_latency_ms {args.gcs_latency_ms:g}",
+              f"--gcs_mb_per_s {args.gcs_mb_per_s:g} --sections {args.sections}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

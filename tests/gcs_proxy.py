@@ -8,15 +8,21 @@ rewrite, a delete; the calls inside a batch request count one by one.
 
 The emulator ignores preconditions; the proxy answers an upload with `ifGenerationMatch=0`
 for an object that exists with 412, as GCS does, so that `if_absent` can be exercised.
+
+Optionally it shapes the link like real GCS, per request (each is its own stream): the first
+byte of a response waits `latency_s`, and the body flows at `bytes_per_s`. `events` records,
+in order, each request's arrival and the start of its response body.
 """
 
 from __future__ import annotations
 
 import collections
 import http.client
+import io
 import json
 import re
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, NamedTuple
@@ -25,6 +31,7 @@ _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length
 _BATCH_LINE = re.compile(rb"^(GET|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.1", re.M)
 _UPLOAD_BUCKET = re.compile(r"^/upload/storage/v1/b/([^/]+)/o$")
 _NAME = re.compile(rb'"name":\s*"((?:[^"\\]|\\.)*)"')
+_BLOCK = 64 * 1024  # bytes written at a time by a throttled response
 _PRECONDITION_FAILED = (b'{"error": {"code": 412, "message": "At least one of the pre-conditions '
                         b'you specified did not hold."}}')
 
@@ -46,12 +53,23 @@ def _kind(method: str, path: str) -> str:
 
 
 class CountingProxy:
-    """Forwards HTTP requests to `target` ("http://host:port") and records each one."""
+    """Forwards HTTP requests to `target` ("http://host:port") and records each one.
 
-    def __init__(self, target: str) -> None:
+    Args:
+        target: the emulator.
+        latency_s: delay of each response's first byte.
+        bytes_per_s: the rate of each response body; None: unthrottled.
+    """
+
+    def __init__(
+        self, target: str, latency_s: float = 0.0, bytes_per_s: float | None = None
+    ) -> None:
         parsed = urllib.parse.urlsplit(target)
         self._target = (parsed.hostname, parsed.port)
+        self._latency_s = latency_s
+        self._bytes_per_s = bytes_per_s
         self.requests: list[Request] = []
+        self.events: list[tuple[str, str]] = []  # ("request" | "response", path)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -85,6 +103,22 @@ class CountingProxy:
                      for m, p in _BATCH_LINE.findall(body)]
         with self._lock:
             self.requests.extend(found)
+            self.events.append(("request", url.path))
+
+    def _first_byte(self, target: str) -> None:
+        """Waits the first-byte latency, then records the response's start."""
+        time.sleep(self._latency_s)
+        with self._lock:
+            self.events.append(("response", urllib.parse.urlsplit(target).path))
+
+    def _write_body(self, wfile: io.BufferedIOBase, data: bytes) -> None:
+        if not self._bytes_per_s:
+            wfile.write(data)
+            return
+        start = time.monotonic()
+        for sent in range(0, len(data), _BLOCK):
+            time.sleep(max(0.0, start + sent / self._bytes_per_s - time.monotonic()))
+            wfile.write(data[sent : sent + _BLOCK])
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -109,13 +143,14 @@ class CountingProxy:
                 response = conn.getresponse()
                 data = response.read()
                 conn.close()
+                proxy._first_byte(self.path)
                 self.send_response(response.status, response.reason)
                 for key, value in response.getheaders():
                     if key.lower() not in _HOP_HEADERS:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                proxy._write_body(self.wfile, data)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
@@ -127,6 +162,7 @@ class CountingProxy:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.events.clear()
 
     def counts(self) -> collections.Counter:
         """Requests by kind: upload, upload_part, copy, delete, read, other METHOD."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.chunk_fixtures import upload_tree, write_dataset
+from tests.gcs_proxy import CountingProxy
 from transforms.chunks import ChunkedDataset, collate_records
 
 # torchdata 0.11 calls a deprecated torch API; 3 workers on this 2-core machine are on purpose.
@@ -207,6 +209,33 @@ def test_columns_load_only_the_fields_asked(output: Path) -> None:
     assert batch["image_tensor"].shape == (BATCH, 3, 16, 16)
     with pytest.raises(ValueError, match="columns must be a non-empty subset"):
         ChunkedDataset(str(output), "train", columns=["image"])
+
+
+def test_gcs_prefetch_never_delays_the_chunk_the_reader_needs(
+    output: Path, gcs_emulator: str, tmp_path: Path
+) -> None:
+    uri = f"{gcs_emulator}/prefetch-first/out"
+    upload_tree(output, uri)
+    emulator = os.environ["STORAGE_EMULATOR_HOST"]
+    proxy = CountingProxy(emulator, latency_s=0.2)  # downloads started together overlap
+    os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
+    try:
+        ds = ChunkedDataset(uri, "train", seed=7, batch_size=4, shuffle_window=5,
+                            cache_dir=str(tmp_path / "cache"), prefetch=3)
+        it = iter(DataLoader(ds, batch_size=4, collate_fn=collate_records))
+        next(it)  # one window of one chunk
+        deadline = time.monotonic() + 20
+        while len(list((tmp_path / "cache").glob("*.pt"))) < 4:
+            assert time.monotonic() < deadline, "the prefetch did not download ahead"
+            time.sleep(0.05)
+    finally:
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator
+        proxy.close()
+    chunk_events = [path for _, path in proxy.events if path.endswith(".pt")]
+    first = chunk_events[0]
+    # Every request and response of the reader's first chunk, before any other chunk's.
+    assert set(chunk_events[: chunk_events.count(first)]) == {first}
+    assert len(set(chunk_events)) == 4
 
 
 def test_gcs_prefetch_downloads_ahead_within_the_cap(

@@ -230,9 +230,10 @@ class ChunkedDataset(torch.utils.data.Dataset):
             every rank gets N // world_size; otherwise (default) the epoch wraps around to
             its first records so that every rank gets ceil(N / world_size).
         columns: the record fields to load (see the module docstring); default all.
-        prefetch: gs:// chunks each process downloads ahead of its reads, in as many
-            threads; fewer where they would not fit in `cache_bytes` (shared by the
-            DataLoader workers); 0 downloads each chunk at its first read.
+        prefetch: gs:// chunks each process keeps downloaded ahead of its reads (a few
+            threads at a time, after its first chunk); fewer where they would not fit in
+            `cache_bytes` (shared by the DataLoader workers); 0 downloads each chunk at its
+            first read.
 
     Raises:
         IncompleteOutputError: no metadata.json in output_dir.
@@ -343,8 +344,10 @@ class ChunkedDataset(torch.utils.data.Dataset):
         while len(self._cache) >= capacity:
             self._cache.popitem(last=False)
         if self._prefetcher is not None:
-            self._prefetcher.advance((j,))  # the next downloads start while this one is read
+            self._prefetcher.claim(j)
         data = self.store.load(self.chunks[j])
+        if self._prefetcher is not None:
+            self._prefetcher.advance()  # the next downloads start once this one is local
         shape = tuple(data["image"].shape[1:])
         if self.image_size is not None and shape != (self.image_size, self.image_size):
             raise ChunkIntegrityError(

@@ -2,11 +2,15 @@
 
 A remote epoch otherwise stalls at every chunk boundary: `ChunkStore` downloads a chunk the
 first time a record of it is read. `ChunkPrefetcher` walks the reader's own schedule (the
-chunks in the order of their first use) and keeps `ahead` of them downloading or downloaded
-in a thread pool. Each thread has its own `ChunkStore` (so its own GCS client) and goes through
-`ChunkStore.local_path`, the same download-verify-cache path as the reader: its per-chunk lock
-makes a reader that reaches a chunk still in flight wait for that download rather than start a
-second one.
+chunks in the order of their first use) and keeps `ahead` of them queued, downloading or
+downloaded, with at most `DOWNLOAD_THREADS` in flight. Each thread has its own `ChunkStore` (so
+its own GCS client) and goes through `ChunkStore.local_path`, the same download-verify-cache
+path as the reader: its per-chunk lock makes a reader that reaches a chunk still in flight wait
+for that download rather than start a second one.
+
+The chunk the reader needs now never waits behind prefetches: nothing is prefetched before the
+reader's first chunk is local, and a chunk the reader reaches while it is still queued is taken
+off the queue and downloaded by the reader itself.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from typing import Iterable, Iterator, Sequence
 
 from transforms.chunks.storage import ChunkStore
 
+# Downloads in flight at once. A download waits mostly on the network (first-byte latency, one
+# stream's bandwidth), so a few streams hide it; more only compete with the reader for CPU
+# (sha256 checks, HTTP) and, on a shared NIC, for bandwidth.
+DOWNLOAD_THREADS = 4
+
 
 def prefetch_depth(requested: int, cache_bytes: int, chunk_bytes: int, readers: int) -> int:
     """How many chunks one reader may keep ahead: `requested`, less where `readers` processes
@@ -28,18 +37,18 @@ def prefetch_depth(requested: int, cache_bytes: int, chunk_bytes: int, readers: 
 
 
 class ChunkPrefetcher:
-    """Downloads the chunks of `upcoming` (chunk indices in order of first use) `ahead` at a
-    time, in `ahead` background threads.
+    """Downloads the chunks of `upcoming` (chunk indices in order of first use), keeping
+    `ahead` of them queued or downloaded, in at most `DOWNLOAD_THREADS` background threads.
 
-    The reader calls `advance(chunks)` with the chunks it has just read: those leave the
-    window, and the next ones of `upcoming` start. Download errors are left to the reader,
-    whose own read of the chunk raises them with the chunk named.
+    The reader calls `claim(j)` before it reads chunk `j` and `advance()` once `j` is local:
+    `j` leaves the window, and the next ones of `upcoming` are queued. Download errors are
+    left to the reader, whose own read of the chunk raises them with the chunk named.
 
     Args:
         store: the reader's store; each thread builds its own with the same settings.
         entries: the split's manifest entries, indexed by chunk.
         upcoming: chunk indices in the order the reader will first use them.
-        ahead: chunks downloading or downloaded but not yet read, at most.
+        ahead: chunks queued, downloading or downloaded but not yet read, at most.
     """
 
     def __init__(
@@ -52,17 +61,24 @@ class ChunkPrefetcher:
         self._upcoming: Iterator[int] = iter(upcoming)
         self._ahead = ahead
         self._local = threading.local()
-        self._pool = concurrent.futures.ThreadPoolExecutor(ahead, "chunk-prefetch")
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            min(ahead, DOWNLOAD_THREADS), "chunk-prefetch"
+        )
         self._pending: collections.OrderedDict[int, concurrent.futures.Future] = (
             collections.OrderedDict()
         )
         self._seen: set[int] = set()
-        self._fill()
 
-    def advance(self, chunks: Iterable[int]) -> None:
-        """Marks `chunks` as read and starts the next downloads."""
-        for j in chunks:
-            self._pending.pop(j, None)
+    def claim(self, j: int) -> None:
+        """Marks chunk `j` as the reader's: a queued download of it is dropped (the reader
+        downloads it now rather than after the queue ahead of it), and it is never queued."""
+        self._seen.add(j)
+        future = self._pending.pop(j, None)
+        if future is not None:
+            future.cancel()  # False once started: the reader then waits for that download
+
+    def advance(self) -> None:
+        """Queues the next downloads; called once the reader's chunk is local."""
         self._fill()
 
     def close(self) -> None:
