@@ -195,7 +195,7 @@ OVERRIDE_KEYS = tuple(key for key in KEYS if key.flag is not None or key.kind is
 # The example's stand-ins for the user's own values (a project id, a bucket name), as a word
 # anywhere in a value: a config still naming one was copied and not edited.
 PLACEHOLDERS = tuple(sorted({
-    key.example[len("gs://"):].split("/")[0] if storage.is_gcs(key.example) else key.example
+    storage.split_gcs(key.example, prefix=True)[0] if storage.is_gcs(key.example) else key.example
     for key in KEYS if key.placeholder}))
 _PLACEHOLDER = re.compile(
     r"(?<![\w-])(?:" + "|".join(map(re.escape, PLACEHOLDERS)) + r")(?![\w-])")
@@ -339,7 +339,7 @@ def validate(raw: Any, source: str = "dataflow_config.json", *, dataflow: bool =
     bucket = values["bucket"]
     if bucket is not None:
         bucket_uri = bucket if _is_gs(bucket) else f"gs://{bucket}"
-        if not _GS_URI.match(bucket_uri) or "/" in bucket_uri[len("gs://"):].rstrip("/"):
+        if not _GS_URI.match(bucket_uri) or storage.split_gcs(bucket_uri, prefix=True)[1].strip("/"):
             raise _error(source, f"'bucket' must be a bucket name or gs://BUCKET, got {bucket!r}")
         bucket_uri = bucket_uri.rstrip("/")
         values["temp_location"] = values["temp_location"] or f"{bucket_uri}/dataflow/temp"

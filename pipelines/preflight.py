@@ -59,9 +59,10 @@ def has_errors(findings: Iterable[Finding]) -> bool:
 
 def bucket_of(uri: str) -> Optional[str]:
     """The bucket of a gs:// URI; None for a local path."""
-    if not uri.startswith("gs://"):
+    try:
+        return storage.split_gcs(uri, prefix=True)[0]
+    except ValueError:
         return None
-    return uri[len("gs://"):].split("/", 1)[0] or None
 
 
 def physionet_buckets(uris: Iterable[str]) -> list[str]:
@@ -103,8 +104,8 @@ def check_writable(key: str, uri: str) -> Optional[Finding]:
     if bucket is None:
         return Finding(ERROR, f"{key} {uri} is not a gs:// path: Dataflow workers cannot "
                        "write there")
-    name = "/".join(p for p in (uri[len("gs://") + len(bucket):].strip("/"),
-                                f".preflight-{uuid.uuid4().hex}") if p)
+    folder = storage.split_gcs(uri, prefix=True)[1].strip("/")
+    name = "/".join(p for p in (folder, f".preflight-{uuid.uuid4().hex}") if p)
     try:
         # Raw calls, so that the finding names the cause (a missing bucket is NotFound).
         blob = storage.gcs_bucket(bucket).blob(name)

@@ -132,10 +132,10 @@ def split_gs(uri: str) -> tuple[str, str]:
     Raises:
         InputError: not a gs:// URI.
     """
-    if not uri.startswith("gs://") or not uri[len("gs://"):].split("/", 1)[0]:
-        raise InputError(f"staging copies between gs:// locations; got {uri!r}")
-    bucket, _, name = uri[len("gs://"):].partition("/")
-    return bucket, name
+    try:
+        return storage.split_gcs(uri, prefix=True)
+    except ValueError:
+        raise InputError(f"staging copies between gs:// locations; got {uri!r}") from None
 
 
 def staged_uri(source: str, stage_to: str) -> str:

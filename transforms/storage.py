@@ -42,15 +42,16 @@ def is_gcs(path: str) -> bool:
     return path.startswith(GCS_PREFIX)
 
 
-def split_gcs(uri: str) -> tuple[str, str]:
-    """(bucket, object name) of a gs://bucket/name URI.
+def split_gcs(uri: str, *, prefix: bool = False) -> tuple[str, str]:
+    """(bucket, object name) of a gs://bucket/name URI; with `prefix`, the name may be empty
+    (a bucket or a folder: gs://bucket, gs://bucket/folder/).
 
     Raises:
-        ValueError: not a gs:// URI with both a bucket and an object name.
+        ValueError: not a gs:// URI with a bucket (and, unless `prefix`, an object name).
     """
     bucket, _, name = uri[len(GCS_PREFIX):].partition("/") if is_gcs(uri) else ("", "", "")
-    if not bucket or not name:
-        raise ValueError(f"not a gs://bucket/object URI: {uri}")
+    if not bucket or not (name or prefix):
+        raise ValueError(f"not a gs://bucket/{'prefix' if prefix else 'object'} URI: {uri}")
     return bucket, name
 
 
