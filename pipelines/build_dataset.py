@@ -28,7 +28,7 @@ from transforms.write import dataset_card
 from transforms.join import schema
 from transforms import storage
 from transforms.join.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
-from transforms.errors import InputError
+from transforms.errors import InputError, RunAborted, TableValueError
 from transforms.images import PreprocessImages
 from transforms.text.notes import BuildNotes, check_text_config
 from transforms.progress import Progress
@@ -285,51 +285,60 @@ def main() -> None:
     try:
         cli.configure_logging(cli.log_level(sys.argv[1:]))
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_NoConservationTraceback())
-        sys.stderr = _StderrWithoutConservationTraceback(sys.stderr)
+            handler.addFilter(_NoAbortTraceback())
+        sys.stderr = _StderrWithoutAbortTraceback(sys.stderr)
         run()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except Exception as err:  # noqa: BLE001: the runner wraps the commit step's error
-        line = conservation_line(err)
-        if line is None:
+    except Exception as err:  # noqa: BLE001: the runner wraps the failing step's error
+        aborted = aborted_line(err)
+        if aborted is None:
             raise
+        line, code = aborted
         print(f"error: {line}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(code)
 
 
-def conservation_line(err: BaseException) -> Optional[str]:
-    """The one-line message of a ConservationError raised inside the pipeline, which the local
-    runner re-raises wrapped in its own error with the worker's traceback; None for others."""
-    if isinstance(err, ConservationError):
-        return str(err)
-    marker = ConservationError.__name__ + ": "
+# Errors raised inside the pipeline that stop the run before it commits, with their exit codes.
+_ABORTS = {TableValueError: 2, ConservationError: 1}
+
+
+def aborted_line(err: BaseException) -> Optional[tuple[str, int]]:
+    """The one-line message and exit code of a RunAborted raised inside the pipeline, which the
+    local runner re-raises wrapped in its own error with the worker's traceback; None for
+    others."""
+    for kind, code in _ABORTS.items():
+        if isinstance(err, kind):
+            return str(err), code
     for line in reversed(str(err).splitlines()):
-        if marker in line:
-            return line.split(marker, 1)[1].split(" [while running")[0].strip()
+        for kind, code in _ABORTS.items():
+            marker = kind.__name__ + ": "
+            if marker in line:
+                return line.split(marker, 1)[1].split(" [while running")[0].strip(), code
     return None
 
 
-class _NoConservationTraceback(logging.Filter):
-    """The runner logs a failed step's traceback before re-raising it; for a ConservationError
-    the one line printed by main() says it all."""
+class _NoAbortTraceback(logging.Filter):
+    """The runner logs a failed step's traceback before re-raising it; for a RunAborted the one
+    line printed by main() says it all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, ConservationError)
-                    or ConservationError.MARK in record.getMessage())
+        return not (isinstance(error, RunAborted) or RunAborted.MARK in record.getMessage())
 
 
-class _StderrWithoutConservationTraceback:
-    """sys.stderr, less the tracebacks of a ConservationError that Beam's SDK worker prints
-    there itself (sdk_worker.py `print(traceback_string, file=sys.stderr)`)."""
+class _StderrWithoutAbortTraceback:
+    """sys.stderr, less the tracebacks of a RunAborted that Beam's SDK worker prints there
+    itself (sdk_worker.py `print(traceback_string, file=sys.stderr)`)."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
+        self._dropped = False  # print() writes the newline after the traceback on its own
 
     def write(self, text: str) -> int:
-        if "Traceback" in text and ConservationError.MARK in text:
+        dropped, self._dropped = self._dropped, "Traceback" in text and RunAborted.MARK in text
+        if self._dropped or (dropped and text == "\n"):
             return len(text)
         return self._stream.write(text)
 

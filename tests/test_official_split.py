@@ -366,6 +366,28 @@ def test_a_split_table_missing_or_without_its_split_column_stops_before_any_work
     assert "split_source" not in indices and indices["stratification_keys"]
 
 
+def test_a_bad_value_inside_the_split_table_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    """Found only while the pipeline reads the table: still one line, exit 2, no commit."""
+    data = generate(str(tmp_path / "mimic"), n_patients=3, seed=1, image_height=64,
+                    image_width=48, image_pool=2)
+    path = os.path.join(data.mimic_cxr_dir, SPLIT_TABLE.relpath)
+    rows = _read_table(path)
+    linked = {r["subject_id"] for r in _read_table(os.path.join(data.answer_dir,
+                                                                "cohort.csv.gz"))}
+    bad = next(r for r in rows if r["subject_id"] in linked)  # only the cohort's rows matter
+    bad["split"] = "holdout"
+    _write_table(path, rows)
+    out = tmp_path / "out"
+    args = _argv(data, out, "--split", "official", "--compute_indices_only")
+    runner = args.index("--direct_running_mode")
+    done = _module(*args[:runner], *args[runner + 4:])  # the default local runner
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == (
+        f"error: {SPLIT_TABLE.relpath}: subject {bad['subject_id']} has split 'holdout'; "
+        "allowed: test, train, validate; nothing was committed\n")
+    assert not (out / "stratification_indices.json").exists()
+
+
 def test_the_generator_leaves_subjects_out_of_the_split_table_and_nothing_else(
     tmp_path: Path,
 ) -> None:

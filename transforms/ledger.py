@@ -20,6 +20,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from transforms.errors import RunAborted
+
 LEDGER_TAG = "ledger"
 # The share of records that may fail (dead letters) before a run refuses to commit.
 DEFAULT_MAX_FAILED_FRACTION = 0.01
@@ -32,11 +34,9 @@ ARRIVED_ASSIGNED_RECORDS = "arrived/assigned_records"
 ARRIVED_SPLIT_TABLE_ROWS = "arrived/split_table_rows"  # --split official only
 
 
-class ConservationError(RuntimeError):
+class ConservationError(RunAborted):
     """Rows or records were lost between stages, or too many failed: the run must not commit.
     Every message ends with MARK."""
-
-    MARK = "nothing was committed"
 
 
 class Tally:

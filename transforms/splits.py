@@ -60,7 +60,7 @@ import apache_beam as beam
 from transforms.join import schema
 
 from transforms import storage
-from transforms.errors import InputError
+from transforms.errors import InputError, TableValueError
 from transforms.ledger import ARRIVED_ASSIGNED_RECORDS, ARRIVED_SPLIT_TABLE_ROWS
 from transforms.records import CohortRecord
 
@@ -327,13 +327,13 @@ def subject_split(subject_id: int, counts: Mapping[str, int]) -> SubjectSplit:
     """One subject's official split from its rows' split values and how many rows name each.
 
     Raises:
-        InputError: a value other than train, validate or test (the message names it).
+        TableValueError: a value other than train, validate or test (the message names it).
     """
     unknown = sorted((name for name in counts if name not in OFFICIAL_NAMES), key=str)
     if unknown:
-        raise InputError(
+        raise TableValueError(
             f"{schema.TABLES['split'].relpath}: subject {subject_id} has split {unknown[0]!r}; "
-            f"allowed: {', '.join(sorted(OFFICIAL_NAMES))}")
+            f"allowed: {', '.join(sorted(OFFICIAL_NAMES))}; {TableValueError.MARK}")
     ours = {OFFICIAL_NAMES[name] for name, n in counts.items() if n}
     split = next(s for s in _RESTRICTIVE if s in ours)
     return SubjectSplit(split, sum(counts.values()), len(ours) > 1)
