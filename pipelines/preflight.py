@@ -86,16 +86,6 @@ def location_holds(location: str, region: str, data_locations: Iterable[str] = (
     return prefix is not None and region.startswith(prefix)
 
 
-def _short(err: Exception) -> str:
-    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
-
-
-def _storage_errors() -> tuple[type[Exception], ...]:
-    """A refused or failed call, or no usable credentials."""
-    from google.api_core.exceptions import GoogleAPICallError
-    from google.auth.exceptions import GoogleAuthError
-
-    return (GoogleAPICallError, GoogleAuthError)
 
 
 def check_writable(key: str, uri: str) -> Optional[Finding]:
@@ -111,8 +101,8 @@ def check_writable(key: str, uri: str) -> Optional[Finding]:
         blob = storage.gcs_bucket(bucket).blob(name)
         blob.upload_from_string(b"", if_generation_match=0)
         blob.delete()
-    except _storage_errors() as err:
-        return Finding(ERROR, f"{key} {uri} is not writable: {_short(err)}")
+    except storage.gcs_call_errors() as err:
+        return Finding(ERROR, f"{key} {uri} is not writable: {storage.error_line(err)}")
     return None
 
 
@@ -123,9 +113,9 @@ def check_location(
     try:
         handle = storage.gcs_bucket(bucket, user_project)
         handle.reload()
-    except _storage_errors() as err:
+    except storage.gcs_call_errors() as err:
         return Finding(WARNING, f"cannot read the location of gs://{bucket} "
-                       f"({', '.join(keys)}): {_short(err)}; not checked against {region}")
+                       f"({', '.join(keys)}): {storage.error_line(err)}; not checked against {region}")
     location = handle.location or "?"
     if location_holds(location, region, handle.data_locations or ()):
         return None

@@ -337,17 +337,10 @@ def list_objects(
             uri = f"gs://{bucket}/{blob.name}"
             if keep is None or uri in keep:
                 found[uri] = _info(blob)
-    except _storage_errors() as err:
-        raise InputError(f"cannot list {prefix_uri}: {_short_error(err)}") from err
+    except storage.gcs_call_errors() as err:
+        raise InputError(f"cannot list {prefix_uri}: {storage.error_line(err)}") from err
     return found, listed
 
-
-def _storage_errors() -> tuple[type[Exception], ...]:
-    """A refused or failed call, or no usable credentials."""
-    from google.api_core.exceptions import GoogleAPICallError
-    from google.auth.exceptions import GoogleAuthError
-
-    return (GoogleAPICallError, GoogleAuthError)
 
 
 def make_plan(
@@ -400,14 +393,10 @@ def _object_info(uri: str, user_project: Optional[str]) -> Optional[ObjectInfo]:
     bucket, name = split_gs(uri)
     try:
         blob = storage.gcs_bucket(bucket, user_project).get_blob(name)
-    except _storage_errors() as err:
-        raise InputError(f"cannot read {uri}: {_short_error(err)}") from err
+    except storage.gcs_call_errors() as err:
+        raise InputError(f"cannot read {uri}: {storage.error_line(err)}") from err
     return None if blob is None else _info(blob)
 
-
-def _short_error(err: Exception) -> str:
-    """One line of a storage error (its class and the first line of its message)."""
-    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
 # ----------------------------------------------------------------------------- the copy
@@ -485,7 +474,7 @@ def copy_objects(
     progress = _Progress(len(items), sum(i.size for i in items))
     pending = iter(items)
     take = threading.Lock()
-    errors = _storage_errors() + (StageError,)
+    errors = storage.gcs_call_errors() + (StageError,)
 
     def work() -> None:
         while True:
@@ -496,7 +485,7 @@ def copy_objects(
             try:
                 copy(item, user_project)
             except errors as err:
-                progress.add(item, _short_error(err))
+                progress.add(item, storage.error_line(err))
             else:
                 progress.add(item)
 
@@ -636,9 +625,9 @@ def run_stage(
     try:
         written = write_manifest(manifest_bytes(plan, roots, stage_to, image_root, views),
                                  stage_to, user_project)
-    except _storage_errors() as err:
+    except storage.gcs_call_errors() as err:
         raise StageError(f"every object is staged, but the manifest could not be written: "
-                         f"{_short_error(err)}; re-run to write it") from err
+                         f"{storage.error_line(err)}; re-run to write it") from err
     out(f"staged {len(plan.objects):,} objects in {stage_to} ({len(plan.to_copy):,} copied, "
         f"{plan.copy_bytes / _GB:,.2f} GB); manifest {stage_to.rstrip('/')}/{MANIFEST_NAME}"
         + ("" if written else " (unchanged)"))

@@ -97,6 +97,20 @@ def _blob(uri: str, user_project: Optional[str] = None) -> Any:
     return gcs_bucket(bucket, user_project).blob(name)
 
 
+def gcs_call_errors() -> tuple[type[Exception], ...]:
+    """What a refused or failed GCS call raises, or a lookup of no usable credentials: for the
+    launcher's raw calls (staging, preflight), which report the cause rather than an OSError."""
+    from google.api_core.exceptions import GoogleAPICallError
+    from google.auth.exceptions import GoogleAuthError
+
+    return (GoogleAPICallError, GoogleAuthError)
+
+
+def error_line(err: Exception) -> str:
+    """One line of a storage error: its class and the first line of its message."""
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
 @contextlib.contextmanager
 def _gcs_errors(path: str) -> Iterator[None]:
     """Turns a failed GCS call on `path` into the OSError a local call would raise."""
