@@ -94,7 +94,7 @@ def write_output(root: Path, n_chunks: int, size: int) -> None:
         rel = chunk_relpath("train", index, n_chunks)
         recs = [_record(index * RECORDS_PER_CHUNK + k, "train", size)
                 for k in range(RECORDS_PER_CHUNK)]
-        data = encode_chunk(recs, split="train", index=index, count=n_chunks)
+        data = encode_chunk(recs, split="train")
         (root / rel).write_bytes(data)
         entries.append({"path": rel, "split": "train", "index": index,
                         "records": RECORDS_PER_CHUNK, "bytes": len(data),

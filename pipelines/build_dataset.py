@@ -29,17 +29,18 @@ from transforms.join import schema
 from transforms import storage
 from transforms.join.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
 from transforms.errors import InputError, RunAborted, TableValueError
-from transforms.images import PreprocessImages
-from transforms.text.notes import BuildNotes, check_text_config
+from transforms.images import ImageSettings
+from transforms.text.notes import check_text_config
 from transforms.progress import Progress
 from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger
-from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, SAMPLES_TAG, sample_from
-from transforms.write.spill import REFS_TAG
+from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG
 from transforms.splits import INDICES_NAME, OFFICIAL, SplitAssignment, SplitPatients
 from transforms.splits import WriteIndices, read_indices
 from transforms.join.tables import ReadTables, check_image_root, check_tables
 from transforms.write.metadata import WriteMetadata, check_output_dir
-from transforms.write.spill import SpillSamples
+from transforms.write import provenance as provenance_of
+from transforms.write.groups import GROUPS_TAG, REFS_TAG, REUSED, PreprocessGroups
+from transforms.write.resume import run_fingerprint
 from transforms.write.write_chunks import WriteChunks
 
 SYNTHETIC_DIR_SUFFIX = "_synthetic_mimic"
@@ -59,12 +60,18 @@ def split_tables(cfg: DatasetConfig) -> tuple[str, ...]:
 
 
 def build_pipeline(
-    p: beam.Pipeline, cfg: DatasetConfig, indices: Optional[SplitAssignment] = None
+    p: beam.Pipeline, cfg: DatasetConfig, indices: Optional[SplitAssignment] = None,
+    provenance: Optional[dict] = None,
 ) -> None:
     """Adds every stage of Phase 1 to `p`. Inputs must already have passed check_tables.
 
     Only small metadata crosses the join's shuffle and the split's side input; text and
-    images are produced and spilled on one fused path, so memory is bounded by a bundle.
+    images are produced and written as chunks within one group's processing, so memory is
+    bounded by a group.
+
+    Args:
+        provenance: `transforms.write.provenance.collect()` for cfg's text settings (None:
+            collected here).
     """
     # The metadata is read first; JoinCohort reads the other tables itself, keeping only the
     # rows of patients with a frontal image. The split table goes to the split's analyze pass.
@@ -90,43 +97,31 @@ def build_pipeline(
             storage.join(cfg.output_dir, INDICES_NAME), beam.pvalue.AsDict(ledger), JOIN_TABLES)
         return
 
+    if provenance is None:
+        provenance = collect_provenance(cfg)
     progress = Progress()
     record_count = records | "CountRecords" >> beam.combiners.Count.Globally()
-    notes = (
-        records
-        | "NoteTotal" >> progress.total(record_count)
-        # Deals the records out one by one: the local runner splits a stage's input between
-        # its workers by whole flushed blocks (thousands of records), so one worker used to
-        # finish early and the last ~20% of a run went at half speed. A GroupByKey's output
-        # is dealt key by key. On Dataflow it also rebalances the join's output.
-        | "Balance" >> beam.Reshuffle()
-        | "StartSamples" >> beam.Map(sample_from)
-        | "BuildNotes" >> BuildNotes(
-            embedding_model=cfg.embedding_model,
-            knowledge_base=cfg.knowledge_base,
-            tokenizer=cfg.tokenizer,
-            max_text_length=cfg.max_text_length,
-            top_k=cfg.retrieval_top_k,
-        )
+    written = (
+        records | "NoteTotal" >> progress.total(record_count), assignment
+    ) | "PreprocessGroups" >> PreprocessGroups(
+        cfg.output_dir, cfg.chunk_size, cfg.seed, run_fingerprint(cfg.summary(), provenance),
+        text=(cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer, cfg.max_text_length,
+              cfg.retrieval_top_k),
+        images=ImageSettings(
+            size=cfg.image_size,
+            clahe=cfg.clahe_clip_limit > 0,
+            clip_limit=cfg.clahe_clip_limit or 2.0,
+            tile_grid=cfg.clahe_tile_grid,
+            requester_pays_project=cfg.requester_pays_project or None,
+        ),
     )
-    images = notes[SAMPLES_TAG] | "PreprocessImages" >> PreprocessImages(
-        image_size=cfg.image_size,
-        clahe=cfg.clahe_clip_limit > 0,
-        clip_limit=cfg.clahe_clip_limit or 2.0,
-        tile_grid=cfg.clahe_tile_grid,
-        requester_pays_project=cfg.requester_pays_project,
-    )
-    spilled = images[SAMPLES_TAG] | "SpillSamples" >> SpillSamples(cfg.output_dir)
-    refs = spilled[REFS_TAG] | "LogProgress" >> progress.log()
-    chunks = (refs, assignment) | "WriteChunks" >> WriteChunks(
-        cfg.output_dir, cfg.chunk_size, cfg.seed
-    )
+    refs = written[REFS_TAG] | "LogProgress" >> progress.log()
+    chunks = written[GROUPS_TAG] | "WriteChunks" >> WriteChunks(cfg.output_dir, cfg.chunk_size)
     dead_letters = (
-        cohort[DEAD_LETTER_TAG], notes[DEAD_LETTER_TAG], images[DEAD_LETTER_TAG]
+        cohort[DEAD_LETTER_TAG], written[DEAD_LETTER_TAG]
     ) | "FlattenDeadLetters" >> beam.Flatten()
     ledger = (
-        tables[LEDGER_TAG], cohort[LEDGER_TAG], notes[LEDGER_TAG], images[LEDGER_TAG],
-        spilled[LEDGER_TAG],
+        tables[LEDGER_TAG], cohort[LEDGER_TAG], written[LEDGER_TAG],
     ) | "Ledger" >> SumLedger()
     _ = {
         "chunks": chunks,
@@ -138,8 +133,13 @@ def build_pipeline(
     } | "WriteMetadata" >> WriteMetadata(
         cfg.output_dir, cfg.summary(), image_size=cfg.image_size,
         report_examples=cfg.report_examples, tables=JOIN_TABLES,
-        max_failed_fraction=cfg.max_failed_fraction,
+        max_failed_fraction=cfg.max_failed_fraction, provenance=provenance,
     )
+
+
+def collect_provenance(cfg: DatasetConfig) -> dict:
+    """metadata.json's versions and digests for cfg's text settings (reads the model once)."""
+    return provenance_of.collect(cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer)
 
 
 def image_root(cfg: DatasetConfig) -> str:
@@ -225,13 +225,16 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     roots = input_roots(cfg)
     check_tables(roots, schema.INPUT_TABLES + split_tables(cfg),
                  user_project=cfg.requester_pays_project)
+    provenance = None
     if not cfg.compute_indices_only:
         check_image_root(roots, image_root(cfg), cfg.views, cfg.requester_pays_project)
-        check_output_dir(cfg.output_dir, cfg.overwrite)
+        provenance = collect_provenance(cfg)
+        check_output_dir(cfg.output_dir, cfg.overwrite,
+                         run_fingerprint(cfg.summary(), provenance))
 
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, cfg, indices)
+    build_pipeline(pipeline, cfg, indices, provenance)
     result = pipeline.run()
     if not is_local(options):
         logging.info("submitted the pipeline to %s", options.view_as(StandardOptions).runner)
@@ -243,30 +246,46 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         print(counters_text(result))
         return None
     metadata = json.loads(storage.read_bytes(storage.join(cfg.output_dir, "metadata.json")))
-    print(summary_text(metadata, cfg.output_dir, elapsed))
+    print(summary_text(metadata, cfg.output_dir, elapsed,
+                       reused=(counter_totals(result) or {}).get(REUSED)))
     print(counters_text(result))
     return metadata
 
 
-def counters_text(result: beam.runners.runner.PipelineResult) -> str:
-    """The run's Beam counters (the same figures Dataflow shows as job metrics)."""
+def counter_totals(result: beam.runners.runner.PipelineResult) -> Optional[dict[str, int]]:
+    """The run's Beam counters by "namespace/name" (None where the runner has none)."""
     try:
         counters = result.metrics().query()["counters"]
     except (AttributeError, NotImplementedError, KeyError):
-        return "counters: not available from this runner"
+        return None
     totals: dict[str, int] = {}
     for counter in counters:
         name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
         totals[name] = totals.get(name, 0) + (counter.committed or 0)
+    return totals
+
+
+def counters_text(result: beam.runners.runner.PipelineResult) -> str:
+    """The run's Beam counters (the same figures Dataflow shows as job metrics)."""
+    totals = counter_totals(result)
+    if totals is None:
+        return "counters: not available from this runner"
     return "counters:\n" + "\n".join(f"  {k} = {v}" for k, v in sorted(totals.items()))
 
 
-def summary_text(metadata: dict, output_dir: str, elapsed: float) -> str:
-    """The short summary printed at the end of a local run (counts only, no patient data)."""
+def summary_text(metadata: dict, output_dir: str, elapsed: float,
+                 reused: Optional[int] = None) -> str:
+    """The short summary printed at the end of a local run (counts only, no patient data).
+
+    Args:
+        reused: records taken from an interrupted run's finished groups (not preprocessed).
+    """
     total = metadata["total_records"]
     lines = [
         f"wrote {total} records to {output_dir} in {elapsed:.1f} s "
         f"({total / max(elapsed, 1e-9):.1f} records/s)",
+        *([f"  resumed: {reused} of {total} records reused from the interrupted run"]
+          if reused else []),
         f"  train {metadata['n_train']}, val {metadata['n_val']}, test {metadata['n_test']}; "
         f"{len(metadata['chunks'])} chunks",
         "  not records: " + (", ".join(

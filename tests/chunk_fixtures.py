@@ -83,7 +83,7 @@ def write_dataset(
                 for k in range(size)
             ]
             n += size
-            data = encode_chunk(records, split=split, index=index, count=n_chunks)
+            data = encode_chunk(records, split=split)
             rel = chunk_relpath(split, index, n_chunks)
             os.makedirs(root / split, exist_ok=True)
             (root / rel).write_bytes(data)

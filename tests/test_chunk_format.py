@@ -53,10 +53,11 @@ def test_record_round_trip() -> None:
 
 def test_chunk_round_trip_and_record_at() -> None:
     records = [make_record(n, "train") for n in range(5)]
-    chunk = decode_chunk(encode_chunk(records, split="train", index=1, count=3))
+    chunk = decode_chunk(encode_chunk(records, split="train"))
     assert list(chunk) == list(CHUNK_FIELDS)
     assert chunk["format_version"] == FORMAT_VERSION
-    assert (chunk["split"], chunk["index"], chunk["count"]) == ("train", 1, 3)
+    assert (chunk["split"], chunk["n"]) == ("train", 5)
+    assert "index" not in chunk  # version 2: the bytes do not depend on the chunk's place
     assert chunk_len(chunk) == 5
     assert chunk["image"].dtype == torch.uint8 and chunk["image"].shape == (5, 32, 32)
     assert chunk["text_offsets"].tolist()[-1] == chunk["text_input_ids"].numel()
@@ -68,7 +69,7 @@ def test_chunk_round_trip_and_record_at() -> None:
 
 def test_chunk_file_loads_with_weights_only(tmp_path: Path) -> None:
     path = tmp_path / chunk_name("test", 0, 1)
-    path.write_bytes(encode_chunk([make_record(1, "test")], split="test", index=0, count=1))
+    path.write_bytes(encode_chunk([make_record(1, "test")], split="test"))
     for mmap in (False, True):
         chunk = torch.load(path, weights_only=True, mmap=mmap)
         assert chunk["record_id"] == ["dicom-00001"]
@@ -77,7 +78,7 @@ def test_chunk_file_loads_with_weights_only(tmp_path: Path) -> None:
 
 def test_encoding_is_deterministic_whatever_the_objects() -> None:
     records = [make_record(n, "train") for n in range(3)]
-    first = encode_chunk(records, split="train", index=0, count=1)
+    first = encode_chunk(records, split="train")
     # Equal values held by other objects: distinct strings, views into larger tensors.
     rebuilt = []
     for record in records:
@@ -90,7 +91,7 @@ def test_encoding_is_deterministic_whatever_the_objects() -> None:
         ids = record["text_input_ids"]
         other["text_input_ids"] = torch.cat([ids, ids])[: ids.numel()]
         rebuilt.append(other)
-    assert encode_chunk(rebuilt, split="train", index=0, count=1) == first
+    assert encode_chunk(rebuilt, split="train") == first
     assert encode_record(rebuilt[0]) == encode_record(records[0])
     # A view must not drag its whole base tensor into the file.
     assert len(encode_record(rebuilt[0])) == len(encode_record(records[0]))
@@ -101,21 +102,41 @@ def test_encoding_is_identical_in_another_process() -> None:
         "import hashlib; from tests.chunk_fixtures import make_record;"
         "from transforms.chunks import encode_chunk;"
         "print(hashlib.sha256(encode_chunk([make_record(n, 'val') for n in range(4)],"
-        " split='val', index=2, count=5)).hexdigest())"
+        " split='val')).hexdigest())"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.strip()
-    here = encode_chunk([make_record(n, "val") for n in range(4)], split="val", index=2, count=5)
+    here = encode_chunk([make_record(n, "val") for n in range(4)], split="val")
     assert out == hashlib.sha256(here).hexdigest()
 
 
 def test_unknown_chunk_version_is_rejected() -> None:
-    chunk = decode_chunk(encode_chunk([make_record(0, "train")], split="train", index=0, count=1))
-    chunk["format_version"] = 2
+    chunk = decode_chunk(encode_chunk([make_record(0, "train")], split="train"))
+    chunk["format_version"] = 3
     buffer = io.BytesIO()
     torch.save(chunk, buffer)
-    with pytest.raises(ValueError, match="format_version 2"):
+    with pytest.raises(ValueError, match="format_version 3; this reader knows 1, 2"):
         decode_chunk(buffer.getvalue())
+
+
+def _version_1(chunk: dict, **header) -> bytes:
+    """The chunk as format version 1 wrote it: its place in the header."""
+    old = {"format_version": 1, "split": chunk["split"], **header,
+           **{k: v for k, v in chunk.items() if k not in ("format_version", "split")}}
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    return buffer.getvalue()
+
+
+def test_version_1_chunks_still_read() -> None:
+    records = [make_record(n, "val") for n in range(3)]
+    chunk = decode_chunk(encode_chunk(records, split="val"))
+    old = decode_chunk(_version_1(chunk, index=2, count=5))
+    assert (old["format_version"], old["index"], old["count"]) == (1, 2, 5)
+    for i, record in enumerate(records):
+        assert_same_record(record_at(old, i), record)
+    with pytest.raises(ValueError, match=r"lacks the fields \['index', 'count'\]"):
+        decode_chunk(_version_1(chunk))
 
 
 def test_unknown_metadata_version_is_rejected(tmp_path: Path) -> None:
@@ -158,6 +179,6 @@ def test_missing_and_unknown_fields_are_rejected() -> None:
 
 def test_chunk_rejects_a_record_of_another_split() -> None:
     with pytest.raises(ValueError, match="split 'val'"):
-        encode_chunk([make_record(0, "val")], split="train", index=0, count=1)
+        encode_chunk([make_record(0, "val")], split="train")
     with pytest.raises(ValueError, match="no records"):
-        encode_chunk([], split="train", index=0, count=1)
+        encode_chunk([], split="train")

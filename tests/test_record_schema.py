@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tests.test_splits import labels_with, make_cohort
-from tests.test_write_chunks import FEATURES, IMAGE, make_sample
-from transforms import storage
+from tests.samples import FEATURES, IMAGE, make_sample
 from transforms.chunks.dataset import IMAGENET_MEAN, IMAGENET_STD, _LoadedChunk, _Normalizer
 from transforms.chunks.format import (
     CHUNK_FIELDS,
@@ -32,20 +31,18 @@ from transforms.chunks.record import (
     Field,
 )
 from transforms.write.metadata import _SplitStatsFn
-from transforms.write.spill import SpillRef, _SpillFn, to_chunk_record
+from transforms.write.groups import RecordRef, record_ref, to_chunk_record
 
 TENSOR_KINDS = ("tensor", "image", "ragged")
 
 
-def _spill(tmp_path: Path, n: int) -> tuple[dict, SpillRef]:
-    """A sample as the stages leave it, and the ref `SpillSamples` emits for it."""
+def _spill(tmp_path: Path, n: int) -> tuple[dict, RecordRef, bytes]:
+    """A sample as the stages leave it, the ref `PreprocessGroups` emits for it, and its
+    record as the chunk format encodes it on its own."""
     labels = labels_with(Edema=1.0, Atelectasis=-1.0) if n % 2 else None
     sample = make_sample(make_cohort(n, 100 + n, hadm_id=None if n == 0 else 7, labels=labels))
-    fn = _SpillFn(str(tmp_path))
-    fn.setup()
-    fn.start_bundle()
-    (ref,) = fn.process(sample)
-    return sample, ref
+    chunk_record = to_chunk_record(sample, "")
+    return sample, record_ref(sample["cohort"], chunk_record), encode_record(chunk_record)
 
 
 def _stage_value(field: Field, sample: dict, split: str):
@@ -72,20 +69,19 @@ def _assert_declared_form(field: Field, value, name: str) -> None:
 def test_every_field_round_trips_from_the_stages_to_the_training_record(tmp_path) -> None:
     spilled = [_spill(tmp_path, n) for n in range(3)]
     records = []
-    for _, ref in spilled:
-        record = decode_record(storage.read_bytes(ref.path))
+    for _, _, data in spilled:
+        record = decode_record(data)
         assert list(record) == [f.name for f in FIELDS]
         records.append({**record, "split": "val"})
-    chunk = decode_chunk(encode_chunk(records, split="val", index=0, count=1))
+    chunk = decode_chunk(encode_chunk(records, split="val"))
     # The chunk stores its header, then the schema's fields in order (a ragged one followed
     # by its offsets), the split once in the header.
     columns = [c for f in FIELDS if not f.per_chunk for c in (f.name, f.offsets) if c]
-    assert list(chunk) == list(CHUNK_FIELDS) == ["format_version", "split", "index", "count",
-                                                 "n", *columns]
+    assert list(chunk) == list(CHUNK_FIELDS) == ["format_version", "split", "n", *columns]
 
     loaded_chunk = _LoadedChunk(chunk)
     normalize = _Normalizer(IMAGENET_MEAN, IMAGENET_STD)
-    for i, (sample, _) in enumerate(spilled):
+    for i, (sample, _, _) in enumerate(spilled):
         got = record_at(chunk, i)
         loaded = loaded_chunk.training_record(i, normalize)
         assert list(loaded) == [k for f in FIELDS for k in (f.loaded_name, f.mask) if k]
@@ -110,7 +106,7 @@ def test_every_field_round_trips_from_the_stages_to_the_training_record(tmp_path
 
 
 def test_the_spill_ref_carries_each_summarised_fields_fact(tmp_path) -> None:
-    sample, ref = _spill(tmp_path, 1)
+    sample, ref, _ = _spill(tmp_path, 1)
     labels = sample["cohort"].labels
     assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(ref.labels, labels))
     assert ref.note_tokens == len(sample["text_input_ids"])
@@ -147,16 +143,16 @@ def test_declared_shapes_and_types_are_enforced(tmp_path, field, value, message)
 def test_named_sizes_must_agree_across_a_chunk_but_ragged_lengths_may_differ() -> None:
     records = [to_chunk_record(make_sample(make_cohort(n, 100)), "train") for n in range(2)]
     assert records[0]["text_input_ids"].numel() != records[1]["text_input_ids"].numel()
-    encode_chunk(records, split="train", index=0, count=1)
+    encode_chunk(records, split="train")
     records[1]["image"] = torch.zeros(IMAGE + 2, IMAGE + 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="different image shapes"):
-        encode_chunk(records, split="train", index=0, count=1)
+        encode_chunk(records, split="train")
 
 
 def test_the_schema_declares_what_each_kind_needs() -> None:
     names = [f.name for f in FIELDS]
     assert len(set(names)) == len(names)
-    ref_attributes = {f.name for f in dataclasses.fields(SpillRef)}
+    ref_attributes = {f.name for f in dataclasses.fields(RecordRef)}
     for field in FIELDS:
         assert field.kind in ENCODINGS and field.stage in STAGES and field.doc, field.name
         if field.kind in TENSOR_KINDS:
@@ -169,4 +165,4 @@ def test_the_schema_declares_what_each_kind_needs() -> None:
             assert field.spans in names[: names.index(field.name)], field.name
         if field.summary is not None:
             assert field.summary.kind in SUMMARY_KINDS, field.name
-            assert field.summary.key in ref_attributes, field.name  # SpillRef carries it
+            assert field.summary.key in ref_attributes, field.name  # RecordRef carries it

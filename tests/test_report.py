@@ -21,7 +21,7 @@ from transforms.write import report
 from transforms.chunks.format import decode_chunk
 from transforms.chunks.record import missing_features
 from transforms.write.metadata import _SplitStatsFn, build_metadata, note_bin_width
-from transforms.write.spill import SpillRef
+from transforms.write.groups import RecordRef
 from transforms.write.write_chunks import ChunkInfo
 from transforms.splits import SPLITS, SplitAssignment
 
@@ -61,16 +61,17 @@ def test_missing_features_are_the_indices_the_mask_marks_false() -> None:
     assert missing_features([]) == ()
 
 
-def _ref(n: int, tokens: int, missing: tuple[int, ...], positive: bool) -> SpillRef:
+def _ref(n: int, tokens: int, missing: tuple[int, ...], positive: bool) -> RecordRef:
     labels = (1.0 if positive else 0.0,) + (NAN,) * 13
-    return SpillRef(f"r{n}", 100 + n // 2, n, "AP|none|abnormal" if n % 2 else "PA|none|abnormal",
-                    labels, f"/t/r{n}", 1, note_tokens=tokens, clinical_missing=missing)
+    return RecordRef(f"r{n}", 100 + n // 2, n,
+                     "AP|none|abnormal" if n % 2 else "PA|none|abnormal", labels,
+                     note_tokens=tokens, clinical_missing=missing)
 
 
 TOKENS = (0, 5, 64, 70, 12, 33, 8, 20, 40, 41, 50, 55)
 
 
-def _refs() -> list[tuple[str, SpillRef]]:
+def _refs() -> list[tuple[str, RecordRef]]:
     """12 records: 8 train, 2 val, 2 test; patient of record n is 100 + n // 2."""
     splits = ["train"] * 8 + ["val"] * 2 + ["test"] * 2
     return [(split, _ref(n, tokens=TOKENS[n], missing=(1,) if n % 4 == 0 else (),

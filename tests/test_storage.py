@@ -11,16 +11,10 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from tests.gcs_proxy import CountingProxy, write_ops
-from tests.test_splits import runner_options
-from tests.test_write_chunks import make_cohort_records, make_sample, run_pipeline
 from transforms import storage
-from transforms.write.spill import REFS_TAG, SpillSamples, spill_path
-from transforms.write.metadata import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,32 +236,31 @@ def test_delete_is_batched_and_ignores_missing_objects(gcs: CountingProxy,
     assert storage.list_files(f"{gcs_emulator}/batch/*") == []
 
 
-def test_spilling_a_record_on_gcs_is_one_upload(gcs: CountingProxy, gcs_emulator: str) -> None:
-    out = f"{gcs_emulator}/spill"
-    cohort = make_cohort_records(6)
-    with BeamTestPipeline(options=runner_options()) as p:
-        _ = (p | beam.Create([make_sample(r) for r in cohort])
-             | SpillSamples(out))[REFS_TAG]
-    counts = gcs.counts()
-    assert counts["upload"] == len(cohort), counts
-    assert counts["copy"] == counts["delete"] == 0, counts
-    assert storage.list_files(f"{out}/**") == sorted(spill_path(out, r.record_id)
-                                                      for r in cohort)
+def test_a_gcs_run_writes_a_few_objects_per_chunk_not_per_record(
+        gcs: CountingProxy, gcs_emulator: str, tmp_path: Path) -> None:
+    """Each group: its chunk and its sidecar (two uploads), then one copy into place; the
+    other files of the run are one upload each. No object per record."""
+    from pipelines import build_dataset
+    from synthetic.mimic import generate
 
-
-def test_a_gcs_run_writes_each_record_twice_at_most(gcs: CountingProxy,
-                                                    gcs_emulator: str) -> None:
-    """Spill (one upload) and its removal once chunked (one delete); the other files of the
-    run are one upload each."""
+    data = generate(str(tmp_path / "mimic"), n_patients=30, seed=4, image_height=256,
+                    image_width=224, image_pool=2)
     out = f"{gcs_emulator}/run"
-    cohort = make_cohort_records(12)
-    check_output_dir(out, overwrite=False)
     gcs.reset()
-    run_pipeline(out, cohort, chunk_size=4)
+    meta = build_dataset.run([
+        "--mimic_iv_dir", data.mimic_iv_dir, "--mimic_ed_dir", data.mimic_ed_dir,
+        "--mimic_cxr_dir", data.mimic_cxr_dir, "--output_dir", out, "--image_size", "32",
+        "--chunk_size", "8", "--max_text_length", "64"])
     counts = gcs.counts()
+    chunks = len(meta["chunks"])
     published = storage.list_files(f"{out}/**")
-    assert counts["copy"] == 0 and counts["delete"] == len(cohort), counts
-    assert counts["upload"] == len(cohort) + len(published), (counts, published)
+    # + 1: _tmp/run.json, the run's fingerprint
+    assert counts["upload"] == 2 * chunks + (len(published) - chunks) + 1, (counts, published)
+    assert counts["copy"] == chunks, counts  # no failed record: every group is its chunk
+    # Deletes: each moved group file, each sidecar, run.json, and the start's clearing of an
+    # old report.html and DATASET_CARD.md (absent here).
+    assert counts["delete"] == 2 * chunks + 3, counts
+    assert write_ops(counts) == 5 * chunks + len(published) + 3 < meta["total_records"]
 
 
 # --- clients -------------------------------------------------------------------------------

@@ -1,375 +1,246 @@
-"""Spilling, fixed-size chunk writing and the metadata commit, locally and on gs://."""
+"""Records written once, as chunks: the layout, the rename-or-assemble step, and resuming a run.
+
+The pipeline runs here are real (join, MiniLM notes, JPEG decoding) on a small generated
+dataset with planted broken images, so groups really come out short.
+"""
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import io
 import json
-import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Optional, Sequence
 
-import apache_beam as beam
-import numpy as np
 import pytest
 import torch
-from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
-from tests.test_splits import labels_with, make_cohort, runner_options
-from transforms import storage
-from transforms.chunks.format import decode_chunk, decode_record, encode_record
-from transforms.errors import InputError
-from transforms.records import DROP_NO_ED_STAY, DROP_NOT_FRONTAL, FAIL_IMAGE_TRUNCATED, FAIL_TEXT
-from transforms.records import CohortRecord, DeadLetter
-from transforms.ledger import LEDGER_TAG, SumLedger
-from transforms.write.metadata import WriteMetadata, check_output_dir
-from transforms.write.spill import REFS_TAG, SpillRef, SpillSamples, spill_path, to_chunk_record
-from transforms.splits import SPLITS, SplitAssignment, SplitPatients, read_indices
-from transforms.write.write_chunks import WriteChunks, _WriteChunkFn, lay_out_split
+from pipelines import build_dataset
+from synthetic.mimic import generate
+from transforms.write.groups import GroupInfo
+from transforms.write.layout import group_of, group_starts, lay_out_chunks, record_order_key
+from transforms.write.write_chunks import _rename
 
-IMAGE = 16
-FEATURES = ("heartrate", "o2sat", "age", "pain")
-RATIOS = (0.7, 0.15, 0.15)
-CONFIG = {"chunk_size": 4, "seed": 42, "ratios": list(RATIOS), "image_size": IMAGE,
-          "max_text_length": 8192}
+CHUNK = 5
 
 
-def make_sample(record: CohortRecord) -> dict:
-    """The sample the image and text stages leave: numpy arrays, a tiny image."""
-    n = int(record.record_id.split("-")[1])
-    rng = np.random.default_rng(n)
-    length = 4 + n % 6
-    return {
-        "cohort": record,
-        "image": rng.integers(0, 256, (IMAGE, IMAGE), dtype=np.uint8),
-        "image_box": np.array([2, 0, IMAGE - 4, IMAGE], dtype=np.int32),
-        "enhanced_note": f"Note of record {n}.",
-        "text_input_ids": rng.integers(1, 30000, length).astype(np.int32),
-        "attention_segments": [("special", 0, 1), ("triage", 1, length - 1),
-                               ("special", length - 1, length)],
-        "clinical_data": np.arange(len(FEATURES), dtype=np.float32) + n,
-        "clinical_mask": np.array([True, n % 2 == 0, True, False]),
-        "retrieved_knowledge": [f"kb-{n % 5}"],
-    }
+# --- the layout (pure) ---------------------------------------------------------------------
+
+def test_with_no_failure_every_group_is_its_chunk() -> None:
+    plans = lay_out_chunks("train", [5, 5, 5, 3], 5)
+    assert [(p.index, p.count, p.group, p.parts) for p in plans] == [
+        (0, 4, 0, ((0, 0, 5),)), (1, 4, 1, ((1, 0, 5),)), (2, 4, 2, ((2, 0, 5),)),
+        (3, 4, 3, ((3, 0, 3),))]
 
 
-def make_cohort_records(n_patients: int = 24) -> list[CohortRecord]:
-    records, n = [], 0
-    for i in range(n_patients):
-        for k in range(1 + i % 3):
-            labels = labels_with(Edema=1.0, Atelectasis=-1.0) if i % 3 == 0 else None
-            records.append(make_cohort(n, 10_000 + i, view="PA" if (i + k) % 3 == 0 else "AP",
-                                       triage=i % 4 != 0, vitals=i % 2, labels=labels,
-                                       hadm_id=None if n % 5 == 0 else 1))
-            n += 1
-    return records
+def test_short_groups_are_topped_up_from_the_end_of_the_split() -> None:
+    # Group 1 lost two records, group 2 all of them: the last records fill the holes.
+    plans = lay_out_chunks("val", [5, 3, 0, 5, 4], 5)
+    assert [p.records for p in plans] == [5, 5, 5, 2]
+    assert [p.group for p in plans] == [0, None, None, None]
+    assert plans[1].parts == ((1, 0, 3), (4, 2, 4))
+    assert plans[2].parts == ((3, 2, 5), (4, 0, 2))
+    assert plans[3].parts == ((3, 0, 2),)  # the ends met inside group 3
 
 
-def dead_letter(record: CohortRecord, reason: str) -> DeadLetter:
-    return DeadLetter.of(record, "image" if reason == FAIL_IMAGE_TRUNCATED else "text", reason,
-                         "detail")
+@pytest.mark.parametrize("seed", range(300))
+def test_layout_places_every_written_record_once_in_full_chunks(seed: int) -> None:
+    rng = random.Random(seed)
+    size = rng.randint(1, 6)
+    groups = rng.randint(0, 9)
+    written = [rng.choice([size] * 3 + list(range(size + 1))) for _ in range(groups)]
+    plans = lay_out_chunks("test", written, size)
+    total = sum(written)
+    assert len(plans) == -(-total // size) and all(p.count == len(plans) for p in plans)
+    assert [p.index for p in plans] == list(range(len(plans)))
+    assert all(p.records == size for p in plans[:-1])
+    assert not plans or 1 <= plans[-1].records <= size
+    placed = [(g, i) for p in plans for g, first, end in p.parts for i in range(first, end)]
+    assert sorted(placed) == [(g, i) for g in range(groups) for i in range(written[g])]
+    for p in plans:
+        if p.group is not None:  # renamed as written: exactly its group, whole
+            assert p.parts == ((p.group, 0, written[p.group]),)
+    # Groups that lost nothing and lend nothing keep their bytes: all but a few.
+    full = [g for g in range(groups - 1) if written[g] == size]
+    renamed = {p.group for p in plans if p.group is not None}
+    shortfall = sum(size - w for w in written[:-1])
+    assert len(set(full) - renamed) <= shortfall // size + 2
 
 
-def run_pipeline(
-    out: str,
-    cohort: Sequence[CohortRecord],
-    *,
-    failed: dict[str, str] = {},  # record_id -> reason: never reaches SpillSamples
-    chunk_size: int = 4,
-    seed: int = 42,
-    indices: Optional[SplitAssignment] = None,
-    options: Sequence[str] = (),
-) -> None:
-    """Cohort -> SplitPatients; samples -> SpillSamples -> WriteChunks -> WriteMetadata."""
-    samples = [make_sample(r) for r in cohort if r.record_id not in failed]
-    dead = [dead_letter(r, failed[r.record_id]) for r in cohort if r.record_id in failed]
-    # What the join and the failing stages would have counted for this cohort.
-    upstream = [("cohort/not_frontal", 3), ("cohort/no_ed_stay", 1),
-                ("join/images_joined", len(cohort) + 1), ("cohort/records", len(cohort))]
-    upstream += [(f"{d.stage}/failed/{d.reason}", 1) for d in dead]
-    with BeamTestPipeline(options=runner_options(*options)) as p:
-        records = p | "Cohort" >> beam.Create(cohort)
-        assignment = records | "Split" >> SplitPatients(RATIOS, seed, indices)
-        spilled = p | "Samples" >> beam.Create(samples) | "Spill" >> SpillSamples(out)
-        refs = spilled[REFS_TAG]
-        chunks = (refs, assignment) | "Chunks" >> WriteChunks(out, chunk_size, seed)
-        ledger = (spilled[LEDGER_TAG], p | "Upstream" >> beam.Create(upstream)) | SumLedger()
-        _ = {
-            "chunks": chunks,
-            "refs": refs,
-            "assignment": assignment,
-            "dead_letters": p | "Dead" >> beam.Create(dead),
-            "dropped": p | "Dropped" >> beam.Create([DROP_NOT_FRONTAL] * 3 + [DROP_NO_ED_STAY]),
-            "ledger": ledger,
-        } | "Metadata" >> WriteMetadata(out, {**CONFIG, "chunk_size": chunk_size},
-                                         image_size=IMAGE, feature_names=FEATURES,
-                                         max_failed_fraction=1.0)
+def test_groups_are_consecutive_runs_of_the_record_order() -> None:
+    keys = [record_order_key(7, f"r{i}") for i in range(23)]
+    starts = group_starts(list(reversed(keys)), 5)
+    ordered = sorted(keys)
+    assert [group_of(starts, k) for k in ordered] == [i // 5 for i in range(23)]
+    with pytest.raises(ValueError, match="r3 reached the layout twice"):
+        group_starts(keys + keys[3:4], 5)
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
-
-
-# --- pure parts and the DoFn ---------------------------------------------------------------
-
-def test_to_chunk_record_converts_a_sample_to_the_chunk_format() -> None:
-    record = make_cohort(5, 77, hadm_id=None, labels=labels_with(Edema=1.0))
-    sample = make_sample(record)
-    out = to_chunk_record(sample, "val")
-    assert out["split"] == "val" and out["hadm_id"] is None and out["subject_id"] == 77
-    assert out["image"].dtype == torch.uint8 and out["image"].shape == (IMAGE, IMAGE)
-    assert out["text_input_ids"].dtype == torch.int32
-    assert out["clinical_mask"].dtype == torch.bool
-    assert out["attention_segments"][1] == ["triage", 1, len(sample["text_input_ids"]) - 1]
-    assert torch.isnan(out["labels"]).sum() == 13 and out["labels"][3] == 1.0
-    # It is what the chunk format accepts, and it survives a round trip.
-    back = decode_record(encode_record(out))
-    assert torch.equal(back["image"], torch.from_numpy(sample["image"]))
-    assert back["enhanced_note"] == sample["enhanced_note"]
-
-
-@pytest.mark.parametrize(
-    "record_id, name",
-    [("02aa804e-bde0afdd-112c0b34", "02aa804e-bde0afdd-112c0b34.pt"),
-     ("../evil", "h-" + hashlib.sha256(b"../evil").hexdigest() + ".pt")],
-)
-def test_spill_path_is_a_safe_function_of_the_record_id(record_id: str, name: str) -> None:
-    assert spill_path("gs://b/out", record_id) == f"gs://b/out/_tmp/records/{name}"
-
-
-def _refs(n: int) -> list[SpillRef]:
-    return [SpillRef(f"r{i}", i, i, "AP|none|unlabeled", (float("nan"),) * 14, f"/t/r{i}", 1)
-            for i in range(n)]
-
-
-def test_lay_out_split_fills_every_chunk_but_the_last_whatever_the_input_order() -> None:
-    refs = _refs(11)
-    slots = list(lay_out_split("val", refs, 4, seed=1))
-    assert list(lay_out_split("val", list(reversed(refs)), 4, seed=1)) == slots
-    by_chunk = collections.defaultdict(list)
-    for (split, index), (offset, count, ref) in slots:
-        assert split == "val" and count == 3
-        by_chunk[index].append(offset)
-    assert {i: sorted(o) for i, o in by_chunk.items()} == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3],
-                                                           2: [0, 1, 2]}
-    assert [s[1][2] for s in lay_out_split("val", refs, 4, seed=2)] != [s[1][2] for s in slots]
-
-
-def test_lay_out_split_rejects_a_record_seen_twice() -> None:
-    with pytest.raises(ValueError, match="r3 reached the chunk writer twice"):
-        list(lay_out_split("train", _refs(5) + _refs(5)[3:4], 4, seed=1))
-
-
-def test_chunk_writer_retried_after_it_deleted_its_records_emits_the_same_chunk(tmp_path):
-    out = str(tmp_path)
-    cohort = [make_cohort(n, 1) for n in range(3)]
-    refs = []
-    for record in cohort:
-        data = encode_record(to_chunk_record(make_sample(record), ""))
-        path = spill_path(out, record.record_id)
-        storage.write_bytes(path, data)
-        refs.append(SpillRef(record.record_id, 1, record.study_id, "s", record.labels, path,
-                             len(data)))
-    element = (("test", 0), [(i, 1, ref) for i, ref in reversed(list(enumerate(refs)))])
-    fn = _WriteChunkFn(out)
-    fn.setup()
-    (first,) = fn.process(element)
-    assert not any(Path(ref.path).exists() for ref in refs)
-    chunk = torch.load(tmp_path / first.path, weights_only=True)
-    assert chunk["record_id"] == [r.record_id for r in cohort] and chunk["split"] == "test"
-    (again,) = fn.process(element)
-    assert again == first
-    (tmp_path / first.path).unlink()
+def test_a_retried_rename_finds_its_chunk_in_place(tmp_path: Path) -> None:
+    data = b"chunk bytes"
+    source, target = tmp_path / "_tmp" / "g.pt", tmp_path / "train" / "c.pt"
+    source.parent.mkdir()
+    source.write_bytes(data)
+    info = GroupInfo("train", 0, ("a",), str(source), len(data),
+                     hashlib.sha256(data).hexdigest())
+    _rename(info, str(target))
+    _rename(info, str(target))  # the bundle ran again after the move
+    assert target.read_bytes() == data and not source.exists()
+    target.unlink()
     with pytest.raises(FileNotFoundError, match="never written"):
-        list(fn.process(element))
+        _rename(info, str(target))
 
 
 # --- the pipeline --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cohort() -> list[CohortRecord]:
-    return make_cohort_records()
+def synthetic(tmp_path_factory: pytest.TempPathFactory):
+    # 2 broken files of each kind among ~110 records: groups come out short.
+    return generate(str(tmp_path_factory.mktemp("mimic")), n_patients=60, seed=11,
+                    image_height=320, image_width=288, image_pool=4, faults=2)
+
+
+def _argv(data, out: Path, *extra: str) -> list[str]:
+    return ["--mimic_iv_dir", data.mimic_iv_dir, "--mimic_ed_dir", data.mimic_ed_dir,
+            "--mimic_cxr_dir", data.mimic_cxr_dir, "--output_dir", str(out),
+            "--image_size", "32", "--chunk_size", str(CHUNK), "--max_text_length", "96",
+            "--max_failed_fraction", "0.2", *extra]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _reused(stdout: str) -> int:
+    for line in stdout.splitlines():
+        if line.strip().startswith("resumed:"):
+            return int(line.split()[1])
+    return 0
 
 
 @pytest.fixture(scope="module")
-def failed(cohort) -> dict[str, str]:
-    return {cohort[3].record_id: FAIL_IMAGE_TRUNCATED, cohort[10].record_id: FAIL_TEXT,
-            cohort[11].record_id: FAIL_IMAGE_TRUNCATED}
-
-
-@pytest.fixture(scope="module")
-def built(cohort, failed, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("built") / "dataset"
-    run_pipeline(str(out), cohort, failed=failed,
-                 options=["--direct_num_workers=1", "--direct_running_mode=in_memory"])
+def clean(synthetic, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "dataset"
+    build_dataset.run(_argv(synthetic, out, "--direct_running_mode", "in_memory",
+                            "--direct_num_workers", "1"))
     return out
 
 
-def test_chunks_are_full_named_and_hold_every_good_record_once(built, cohort, failed) -> None:
-    meta = json.loads((built / "metadata.json").read_text())
-    seen: dict[str, str] = {}
-    subject_splits: dict[int, set] = collections.defaultdict(set)
-    for split in SPLITS:
-        files = sorted((built / split).glob("*"))
-        count = math.ceil(meta[f"n_{split}"] / 4)
-        assert [f.name for f in files] == [f"{split}-{i:05d}-of-{count:05d}.pt"
-                                           for i in range(count)]
-        sizes = []
-        for path in files:
-            chunk = torch.load(path, weights_only=True)
-            assert chunk["split"] == split and chunk["image"].shape[1:] == (IMAGE, IMAGE)
-            sizes.append(chunk["n"])
-            for rid, sid in zip(chunk["record_id"], chunk["subject_id"]):
-                assert rid not in seen
-                seen[rid] = split
-                subject_splits[sid].add(split)
-        assert all(s == 4 for s in sizes[:-1]) and 1 <= sizes[-1] <= 4
-        assert sum(sizes) == meta[f"n_{split}"]
-    # Failed records leave no hole: the good ones fill the chunks densely.
-    assert set(seen) == {r.record_id for r in cohort} - set(failed)
-    assert meta["total_records"] == len(cohort) - len(failed)
-    assert all(len(splits) == 1 for splits in subject_splits.values())
+def test_chunks_are_full_and_hold_every_good_record_once(clean: Path) -> None:
+    meta = json.loads((clean / "metadata.json").read_text())
+    assert meta["format_version"] == 2
+    assert sum(meta["failed"].values()) >= 8  # the planted faults, as dead letters
+    seen = []
+    for split in ("train", "val", "test"):
+        entries = [c for c in meta["chunks"] if c["split"] == split]
+        assert [c["records"] for c in entries[:-1]] == [CHUNK] * (len(entries) - 1)
+        for entry in entries:
+            chunk = torch.load(clean / entry["path"], weights_only=True)
+            assert chunk["n"] == entry["records"] and chunk["split"] == split
+            assert "index" not in chunk and "count" not in chunk  # format version 2
+            seen += chunk["record_id"]
+    failed = [json.loads(line)["record_id"]
+              for line in (clean / "failed/failed-00000-of-00001.jsonl").read_text().splitlines()]
+    assert len(seen) == len(set(seen)) == meta["total_records"]
+    assert not set(seen) & set(failed)
+    assert not (clean / "_tmp").exists()
 
 
-def test_a_chunk_record_keeps_its_sample(built, cohort) -> None:
-    meta = json.loads((built / "metadata.json").read_text())
-    entry = meta["chunks"][0]
-    chunk = decode_chunk((built / entry["path"]).read_bytes())
-    rid = chunk["record_id"][0]
-    record = next(r for r in cohort if r.record_id == rid)
-    sample = make_sample(record)
-    assert torch.equal(chunk["image"][0], torch.from_numpy(sample["image"]))
-    assert chunk["enhanced_note"][0] == sample["enhanced_note"]
-    assert chunk["hadm_id"][0] == record.hadm_id
+def _aborted(synthetic, out: Path, *extra: str) -> None:
+    """A run that did all the preprocessing, then stopped before it committed (too many
+    failed records for --max_failed_fraction 0): what a crash at the commit leaves."""
+    with pytest.raises(Exception) as stopped:  # the runner wraps the step's RunAborted
+        build_dataset.run(_argv(synthetic, out, "--max_failed_fraction", "0", *extra))
+    line, code = build_dataset.aborted_line(stopped.value)
+    assert "records failed" in line and code == 1
+    assert not (out / "metadata.json").exists()
 
 
-def test_metadata_lists_the_chunks_counts_and_distributions(built, cohort, failed) -> None:
-    meta = json.loads((built / "metadata.json").read_text())
-    for key in ("format_version", "n_train", "n_val", "n_test", "total_records", "image_size",
-                "feature_names", "label_names", "chunks", "config", "versions", "dropped",
-                "failed", "splits", "stratification"):
-        assert key in meta, key
-    assert "patients_not_in_indices" not in meta
-    assert meta["format_version"] == 1 and meta["image_size"] == IMAGE
-    assert meta["feature_names"] == list(FEATURES) and len(meta["label_names"]) == 14
-    assert meta["config"]["chunk_size"] == 4
-    assert meta["dropped"]["not_frontal"] == 3 and meta["dropped"]["no_ed_stay"] == 1
-    assert meta["failed"]["image_truncated"] == 2 and meta["failed"]["text_failed"] == 1
-    assert [(c["split"], c["index"]) for c in meta["chunks"]] == sorted(
-        ((c["split"], c["index"]) for c in meta["chunks"]), key=lambda t: (SPLITS.index(t[0]),
-                                                                          t[1]))
-    for entry in meta["chunks"]:
-        data = (built / entry["path"]).read_bytes()
-        assert entry["bytes"] == len(data)
-        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
-    good = [r for r in cohort if r.record_id not in failed]
-    assert sum(meta["splits"][s]["records"] for s in SPLITS) == len(good)
-    assert sum(meta["splits"][s]["patients"] for s in SPLITS) == len({r.subject_id for r in good})
-    edema = sum(meta["splits"][s]["labels"]["Edema"]["positive"] for s in SPLITS)
-    assert edema == sum(r.labels[3] == 1.0 for r in good)
-    views = collections.Counter()
-    for s in SPLITS:
-        views.update(meta["splits"][s]["stratification_keys"]["view_position"])
-        assert sum(meta["splits"][s]["strata"].values()) == meta["splits"][s]["records"]
-    assert views == collections.Counter(r.view_position for r in good)
+def test_a_rerun_after_a_crash_reuses_every_finished_group(synthetic, clean, tmp_path,
+                                                           capsys) -> None:
+    out = tmp_path / "dataset"
+    _aborted(synthetic, out)
+    assert list((out / "_tmp" / "groups").glob("*.pt"))
+    capsys.readouterr()
+    meta = build_dataset.run(_argv(synthetic, out, "--direct_num_workers", "2"))
+    assert _reused(capsys.readouterr().out) == meta["total_records"]  # nothing recomputed
+    assert _tree(out) == _tree(clean)
 
 
-def test_failed_indices_written_and_temporaries_removed(built, cohort, failed) -> None:
-    lines = (built / "failed" / "failed-00000-of-00001.jsonl").read_text().splitlines()
-    dead = [json.loads(line) for line in lines]
-    assert [d["record_id"] for d in dead] == sorted(failed)
-    assert {d["record_id"]: d["reason"] for d in dead} == failed
-    assert {d["stage"] for d in dead} == {"image", "text"}
-    assert not (built / "_tmp").exists()
-    assert not [p for p in built.rglob("*") if ".tmp-" in p.name]
-    indices = read_indices(str(built / "stratification_indices.json"))
-    assert set(indices.splits) == {r.subject_id for r in cohort}
+def test_missing_or_corrupt_groups_are_recomputed_not_published(synthetic, clean, tmp_path,
+                                                                capsys) -> None:
+    out = tmp_path / "dataset"
+    _aborted(synthetic, out)
+    sidecars = sorted((out / "_tmp" / "groups").glob("*.json"))
+    written = {p: len(json.loads(p.read_text())["refs"]) for p in sidecars}
+    lost = sidecars[0]
+    lost.unlink()  # killed before its sidecar was written
+    truncated, flipped = sidecars[1].with_suffix(".pt"), sidecars[2].with_suffix(".pt")
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one pixel: torch.load would not notice
+    flipped.write_bytes(bytes(data))
+    capsys.readouterr()
+    meta = build_dataset.run(_argv(synthetic, out))
+    redone = written[lost] + written[sidecars[1]] + written[sidecars[2]]
+    assert _reused(capsys.readouterr().out) == meta["total_records"] - redone
+    assert _tree(out) == _tree(clean)
 
 
-def test_same_bytes_with_other_worker_count_and_running_mode(built, cohort, failed,
-                                                             tmp_path) -> None:
-    again = tmp_path / "again"
-    run_pipeline(str(again), cohort, failed=failed,
-                 options=["--direct_num_workers=2", "--direct_running_mode=multi_threading"])
-    assert tree(again) == tree(built)
+def test_a_changed_image_size_reuses_nothing(synthetic, tmp_path, capsys) -> None:
+    out = tmp_path / "dataset"
+    _aborted(synthetic, out)
+    capsys.readouterr()
+    meta = build_dataset.run(_argv(synthetic, out, "--image_size", "24"))
+    assert _reused(capsys.readouterr().out) == 0
+    chunk = torch.load(out / meta["chunks"][0]["path"], weights_only=True)
+    assert chunk["image"].shape[1:] == (24, 24)
 
 
-def test_reused_indices_give_the_same_split_and_count_new_patients(built, cohort,
-                                                                   tmp_path) -> None:
-    saved = read_indices(str(built / "stratification_indices.json"))
-    newcomer = make_cohort(999, 99_999)
-    out = tmp_path / "reused"
-    run_pipeline(str(out), cohort + [newcomer], indices=saved)
-    meta = json.loads((out / "metadata.json").read_text())
-    assert meta["patients_not_in_indices"] == 1
-    assert meta["stratification"]["reused_indices"] is True
-    again = read_indices(str(out / "stratification_indices.json"))
-    assert {s: again.splits[s] for s in saved.splits} == saved.splits
-    for split in SPLITS:
-        for path in (out / split).glob("*.pt"):
-            chunk = torch.load(path, weights_only=True)
-            assert {saved.splits.get(s, again.splits[s]) for s in chunk["subject_id"]} == {split}
+def test_overwrite_starts_clean(synthetic, clean, tmp_path, capsys) -> None:
+    out = tmp_path / "dataset"
+    _aborted(synthetic, out)
+    build_dataset.run(_argv(synthetic, out))
+    capsys.readouterr()
+    build_dataset.run(_argv(synthetic, out, "--overwrite"))
+    assert _reused(capsys.readouterr().out) == 0
+    assert _tree(out) == _tree(clean)
 
 
-# --- check_output_dir ----------------------------------------------------------------------
-
-def _leftovers(root: Path) -> None:
-    for rel in ("train/train-00000-of-00009.pt", "val/val-00000-of-00001.pt",
-                "_tmp/records/x.pt", "failed/failed-00000-of-00001.jsonl"):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(b"old")
-    (root / "notes.txt").write_text("mine")
-
-
-def test_check_output_dir_stops_on_a_complete_output(tmp_path) -> None:
-    _leftovers(tmp_path)
-    (tmp_path / "metadata.json").write_text("{}")
-    with pytest.raises(InputError, match="complete output.*pass --overwrite"):
-        check_output_dir(str(tmp_path), overwrite=False)
-    assert (tmp_path / "train" / "train-00000-of-00009.pt").exists()
-
-
-@pytest.mark.parametrize("complete", [True, False])
-def test_check_output_dir_clears_a_replaced_or_crashed_run(tmp_path, complete: bool) -> None:
-    _leftovers(tmp_path)
-    if complete:
-        (tmp_path / "metadata.json").write_text("{}")
-    check_output_dir(str(tmp_path), overwrite=complete)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+def test_kill_9_mid_run_then_a_rerun_gives_the_clean_bytes(synthetic, clean, tmp_path) -> None:
+    out = tmp_path / "dataset"
+    command = [sys.executable, "-m", "pipelines.build_dataset", *_argv(synthetic, out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    groups = out / "_tmp" / "groups"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(groups.glob("*.json"))) < 6:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metadata.json").exists()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _reused(result.stdout) >= CHUNK  # the groups finished before the kill
+    assert _tree(out) == _tree(clean)
 
 
-def test_check_output_dir_accepts_a_new_dir(tmp_path) -> None:
-    check_output_dir(str(tmp_path / "new"), overwrite=False)
-    assert not (tmp_path / "new").exists()
-
-
-# --- gs:// ---------------------------------------------------------------------------------
-
-def _blobs(prefix: str) -> dict[str, bytes]:
+def test_gcs_output_has_no_temporaries_and_the_same_chunks(synthetic, clean, gcs_emulator
+                                                           ) -> None:
     from google.cloud import storage
 
-    bucket, _, path = prefix[len("gs://"):].partition("/")
-    return {b.name[len(path) + 1:]: b.download_as_bytes()
-            for b in storage.Client().list_blobs(bucket, prefix=path + "/")}
-
-
-def test_gcs_output(gcs_emulator: str, cohort, failed, built) -> None:
-    out = f"{gcs_emulator}/out"
-    check_output_dir(out, overwrite=False)
-    run_pipeline(out, cohort[:12], failed={cohort[3].record_id: FAIL_IMAGE_TRUNCATED})
-    blobs = _blobs(out)
-    meta = json.loads(blobs["metadata.json"])
-    assert meta["total_records"] == 11
-    assert not [name for name in blobs if name.startswith("_tmp/") or ".tmp-" in name]
-    assert "failed/failed-00000-of-00001.jsonl" in blobs
-    for entry in meta["chunks"]:
-        data = blobs[entry["path"]]
-        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
-        chunk = torch.load(io.BytesIO(data), weights_only=True)
-        assert chunk["n"] == entry["records"]
-    with pytest.raises(InputError, match="complete output"):
-        check_output_dir(out, overwrite=False)
-    check_output_dir(out, overwrite=True)
-    assert sorted(_blobs(out)) == ["stratification_indices.json"]
+    out = f"{gcs_emulator}/written-once"
+    meta = build_dataset.run(_argv(synthetic, out))
+    bucket, prefix = out[len("gs://"):].split("/", 1)
+    names = [b.name[len(prefix) + 1:] for b in storage.Client().list_blobs(bucket,
+                                                                           prefix=prefix + "/")]
+    assert not [n for n in names if n.startswith("_tmp/")]
+    local = json.loads((clean / "metadata.json").read_text())
+    assert [(c["path"], c["sha256"]) for c in meta["chunks"]] == [
+        (c["path"], c["sha256"]) for c in local["chunks"]]

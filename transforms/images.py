@@ -24,8 +24,9 @@ in any viewer. Checking that too (a scan of every FFxx in the data) would cost ~
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import apache_beam as beam
 import cv2
@@ -257,29 +258,63 @@ def failed_counter(reason: str) -> str:
     return f"{STAGE}/failed/{reason}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+    """How a record's radiograph becomes its stored image (the image flags, checked)."""
+
+    size: int = 518
+    clahe: bool = True
+    clip_limit: float = 2.0
+    tile_grid: int = 8
+    requester_pays_project: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_size(self.size)
+        if self.clahe and not self.clip_limit > 0:
+            raise ValueError(f"clip_limit must be > 0 when CLAHE is on, got {self.clip_limit!r}")
+        tile = self.tile_grid
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+            raise ValueError(f"tile_grid must be a positive integer, got {tile!r}")
+
+
+def image_of(
+    record: records.CohortRecord, settings: ImageSettings
+) -> Union[tuple[np.ndarray, np.ndarray], records.DeadLetter]:
+    """Reads and preprocesses the record's radiograph: (image, box), or a DeadLetter (stage
+    "image") for a missing, empty, truncated or undecodable file.
+
+    Errors that are not per-record (permission denied, a requester-pays read without a billing
+    project) raise: they would dead-letter every record.
+    """
+    path = record.image_path
+    try:
+        data = storage.read_bytes(path, user_project=settings.requester_pays_project)
+    except FileNotFoundError as exc:
+        return records.DeadLetter.of(record, STAGE, records.FAIL_IMAGE_MISSING,
+                                     f"{type(exc).__name__}: {path}")
+    try:
+        return preprocess_image(data, size=settings.size, clahe=settings.clahe,
+                                clip_limit=settings.clip_limit, tile_grid=settings.tile_grid)
+    except ImageDecodeError as exc:
+        return records.DeadLetter.of(record, STAGE, exc.reason, f"{exc.detail}: {path}")
+
+
+def use_one_opencv_thread() -> None:
+    """Each worker thread already keeps a core busy; OpenCV's own thread pool on top of that
+    only adds contention for resize and CLAHE on images this small."""
+    cv2.setNumThreads(1)
+
+
 class _PreprocessImageFn(beam.DoFn):
     """Sample dict -> the same sample with "image" and "image_box" added, or a DeadLetter."""
 
-    def __init__(
-        self,
-        size: int,
-        clahe: bool,
-        clip_limit: float,
-        tile_grid: int,
-        requester_pays_project: Optional[str],
-    ) -> None:
-        self._size = size
-        self._clahe = clahe
-        self._clip_limit = clip_limit
-        self._tile_grid = tile_grid
-        self._project = requester_pays_project
+    def __init__(self, settings: ImageSettings) -> None:
+        self._settings = settings
         self._processed = Metrics.counter(STAGE, "images_processed")
         self._tally = Tally([failed_counter(r) for r in _REASONS])
 
     def setup(self) -> None:
-        # Each worker thread already keeps a core busy; OpenCV's own thread pool on top of that
-        # only adds contention for resize and CLAHE on images this small.
-        cv2.setNumThreads(1)
+        use_one_opencv_thread()
 
     def start_bundle(self) -> None:
         self._tally.start()
@@ -287,32 +322,14 @@ class _PreprocessImageFn(beam.DoFn):
     def finish_bundle(self):
         yield from self._tally.flush()
 
-    def _dead(self, record: records.CohortRecord, reason: str, detail: str):
-        self._tally.inc(failed_counter(reason))
-        return beam.pvalue.TaggedOutput(
-            records.DEAD_LETTER_TAG, records.DeadLetter.of(record, STAGE, reason, detail)
-        )
-
     def process(self, sample: dict[str, Any]) -> Iterator[Any]:
-        record: records.CohortRecord = sample["cohort"]
-        path = record.image_path
-        try:
-            data = storage.read_bytes(path, user_project=self._project)
-        except FileNotFoundError as exc:
-            yield self._dead(record, records.FAIL_IMAGE_MISSING, f"{type(exc).__name__}: {path}")
-            return
-        try:
-            image, box = preprocess_image(
-                data,
-                size=self._size,
-                clahe=self._clahe,
-                clip_limit=self._clip_limit,
-                tile_grid=self._tile_grid,
-            )
-        except ImageDecodeError as exc:
-            yield self._dead(record, exc.reason, f"{exc.detail}: {path}")
+        result = image_of(sample["cohort"], self._settings)
+        if isinstance(result, records.DeadLetter):
+            self._tally.inc(failed_counter(result.reason))
+            yield beam.pvalue.TaggedOutput(records.DEAD_LETTER_TAG, result)
             return
         self._processed.inc()
+        image, box = result
         yield {**sample, "image": image, "image_box": box}
 
 
@@ -347,14 +364,8 @@ class PreprocessImages(beam.PTransform):
         requester_pays_project: Optional[str] = None,
     ) -> None:
         super().__init__()
-        _check_size(image_size)
-        if clahe and not clip_limit > 0:
-            raise ValueError(f"clip_limit must be > 0 when CLAHE is on, got {clip_limit!r}")
-        if isinstance(tile_grid, bool) or not isinstance(tile_grid, int) or tile_grid < 1:
-            raise ValueError(f"tile_grid must be a positive integer, got {tile_grid!r}")
-        self._fn = _PreprocessImageFn(
-            image_size, clahe, clip_limit, tile_grid, requester_pays_project or None
-        )
+        self._fn = _PreprocessImageFn(ImageSettings(
+            image_size, clahe, clip_limit, tile_grid, requester_pays_project or None))
 
     def expand(self, samples: beam.PCollection) -> dict[str, beam.PCollection]:
         out = samples | "DecodeAndLetterbox" >> beam.ParDo(self._fn).with_outputs(

@@ -432,3 +432,41 @@ def delete_tree(path: str) -> None:
 def temporaries(folder: str) -> list[str]:
     """Temporary files that interrupted writes left in `folder` (`TMP_MARK` in their name)."""
     return list_files(join(folder, f"*{TMP_MARK}*"))
+
+
+# --- moving and identifying ------------------------------------------------------------------
+
+def move(source: str, target: str) -> None:
+    """Renames a file: locally `os.replace` (folders made as needed), on GCS a server-side copy
+    then a delete of the source.
+
+    Raises:
+        FileNotFoundError: no `source`.
+    """
+    if is_gcs(source) != is_gcs(target):
+        raise ValueError(f"cannot move {source} to {target}: not on one store")
+    if not is_gcs(source):
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        os.replace(source, target)
+        return
+    (src_bucket, src_name), (dst_bucket, dst_name) = map(split_gcs, (source, target))
+    with _gcs_errors(source):
+        bucket = gcs_bucket(src_bucket)
+        bucket.copy_blob(bucket.blob(src_name), gcs_bucket(dst_bucket), dst_name)
+        bucket.delete_blob(src_name)
+
+
+def identity(path: str, user_project: Optional[str] = None) -> tuple[int, int]:
+    """What changes when a file's content does, read without reading the content: (size,
+    mtime in ns) locally, (size, generation) on GCS (a new upload is a new generation).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    if not is_gcs(path):
+        info = os.stat(path)
+        return info.st_size, info.st_mtime_ns
+    blob = _blob(path, user_project)
+    with _gcs_errors(path):
+        blob.reload()
+    return int(blob.size), int(blob.generation)

@@ -1,13 +1,18 @@
-"""The chunk file format, version 1: pure functions from records to bytes and back.
+"""The chunk file format, version 2: pure functions from records to bytes and back.
 
 A processed record is a plain dict whose fields `record.FIELDS` declares; the pipeline moves
 it between stages as `encode_record` bytes and writes records to chunk files with
 `encode_chunk`. A chunk is one columnar dict of plain containers (tensors, strings, ints, None,
 lists) so that `torch.load(path, weights_only=True)` reads it without unpickling any object:
-the header {"format_version": 1, "split", "index", "count", "n"}, then one column per record
+the header {"format_version": 2, "split", "n"}, then one column per record
 field in `record.FIELDS` order (`CHUNK_FIELDS`): strings, ints and lists as lists of N values,
 tensors stacked ([N, *shape], e.g. "image": uint8 [N, S, S]), a ragged tensor concatenated
 ("text_input_ids": int32 [sum T]) and followed by its offsets ("text_offsets": int64 [N + 1]).
+
+Version 2 drops version 1's "index" and "count" from the header: a chunk's bytes depend on its
+records alone, so the pipeline writes each chunk once, while preprocessing, before the number
+of chunks of its split is known, and names it at the commit (`transforms.write.layout`).
+Version 1 chunks still read (`READABLE_VERSIONS`); their header carries the two fields more.
 
 Encoding is byte-deterministic (`record.check_record`): fields are written in a fixed order,
 every tensor owns exactly its own storage (a view would otherwise save its whole base), and
@@ -30,15 +35,18 @@ from transforms.chunks.record import COLUMNS, FIELDS, check_record, chunk_column
 from transforms.chunks.record import RECORD_FIELDS  # noqa: F401 (re-exported)
 from transforms.chunks.record import record_at as _record_at
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # The chunk's header, around the per-chunk record fields (the split): written first, in order.
 _HEADER_BEFORE = ("format_version",)
-_HEADER_AFTER = ("index", "count", "n")
+_HEADER_AFTER = ("n",)
 # Chunk fields, in the order encode_chunk writes them.
 CHUNK_FIELDS: tuple[str, ...] = (
     *_HEADER_BEFORE, *(f.name for f in FIELDS if f.per_chunk), *_HEADER_AFTER, *COLUMNS
 )
+# What a version 1 chunk holds besides (its header named the chunk's place in its split).
+_V1_FIELDS = ("index", "count")
 
 
 def chunk_name(split: str, index: int, count: int) -> str:
@@ -77,18 +85,18 @@ def decode_record(data: bytes) -> dict:
     return _load(data)
 
 
-def encode_chunk(records: Sequence[dict], *, split: str, index: int, count: int) -> bytes:
-    """Serialises the records of chunk `index` of `count` in `split` as one columnar dict.
+def encode_chunk(records: Sequence[dict], *, split: str) -> bytes:
+    """Serialises the records of one chunk of `split` as one columnar dict.
 
-    The bytes are a pure function of the records' values and their order.
+    The bytes are a pure function of the records' values and their order (not of where the
+    chunk ends up in its split).
 
     Raises:
         ValueError: no records, a record of another split, records whose image size or
             number of clinical features differ, or a bad record field.
     """
     if not records:
-        raise ValueError(f"chunk {chunk_name(split, index, count)} has no records")
-    chunk_name(split, index, count)  # validates index and count
+        raise ValueError(f"a chunk of {split} has no records")
     recs = [check_record(r) for r in records]
     header = {"split": sys.intern(split)}
     for rec in recs:
@@ -99,8 +107,6 @@ def encode_chunk(records: Sequence[dict], *, split: str, index: int, count: int)
     chunk = {
         "format_version": FORMAT_VERSION,
         **header,
-        "index": int(index),
-        "count": int(count),
         "n": len(recs),
         **chunk_columns(recs),
     }
@@ -117,11 +123,13 @@ def check_chunk(chunk: Any, source: str = "chunk") -> dict:
     if not isinstance(chunk, dict) or "format_version" not in chunk:
         raise ValueError(f"{source} is not a chunk: no format_version")
     version = chunk["format_version"]
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{source} has format_version {version!r}; this reader knows {FORMAT_VERSION}"
+            f"{source} has format_version {version!r}; this reader knows "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
-    missing = [f for f in CHUNK_FIELDS if f not in chunk]
+    required = CHUNK_FIELDS + (_V1_FIELDS if version == 1 else ())
+    missing = [f for f in required if f not in chunk]
     if missing:
         raise ValueError(f"{source} lacks the fields {missing}")
     return chunk

@@ -21,7 +21,7 @@ import torch
 
 from transforms import storage
 from transforms.chunks.errors import ChunkIntegrityError, IncompleteOutputError, MissingChunkError
-from transforms.chunks.format import FORMAT_VERSION, check_chunk
+from transforms.chunks.format import READABLE_VERSIONS, check_chunk
 
 METADATA_NAME = "metadata.json"
 DEFAULT_CACHE_BYTES = 4 << 30
@@ -43,9 +43,10 @@ def read_metadata(output_dir: str) -> dict:
             f"output is incomplete: no {METADATA_NAME} in {output_dir}") from None
     meta = json.loads(data)
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} has format_version {version!r}; this reader knows {FORMAT_VERSION}"
+            f"{path} has format_version {version!r}; this reader knows "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return meta
 
@@ -146,11 +147,15 @@ class ChunkStore:
             check_chunk(chunk, self.uri(entry))
         except ValueError as err:
             raise ChunkIntegrityError(str(err)) from err
-        header = (chunk["split"], chunk["index"], chunk["n"])
-        expected = (entry["split"], entry["index"], entry["records"])
+        # Version 1 headers also named the chunk's index; version 2 chunks are named by the
+        # manifest alone (their sha256 is checked against it).
+        fields = ("split", "index", "records") if chunk["format_version"] == 1 else (
+            "split", "records")
+        header = tuple(chunk["n" if f == "records" else f] for f in fields)
+        expected = tuple(entry[f] for f in fields)
         if header != expected:
             raise ChunkIntegrityError(
-                f"chunk file {self.uri(entry)} holds (split, index, records) {header}, "
+                f"chunk file {self.uri(entry)} holds ({', '.join(fields)}) {header}, "
                 f"metadata.json says {expected}"
             )
         return chunk

@@ -36,7 +36,8 @@ from transforms.chunks.record import SUMMARISED, Summary
 from transforms.errors import InputError
 from transforms.write.provenance import collect, package_versions
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
-from transforms.write.spill import TMP_DIR, SpillRef, tmp_dir
+from transforms.write.groups import RecordRef
+from transforms.write.resume import TMP_DIR, prepare_tmp, tmp_dir
 from transforms.write.write_chunks import ChunkInfo
 from transforms.splits import (
     INDICES_NAME,
@@ -53,7 +54,8 @@ LABEL_CLASSES: tuple[str, ...] = ("positive", "negative", "uncertain", "missing"
 _LABEL_VALUES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
 # What a run writes under the output dir, and so what a new run may clear. The indices file
 # is left: it may be the --stratification_indices being reused, and is replaced at commit.
-_RUN_DIRS: tuple[str, ...] = (*SPLITS, FAILED_DIR, TMP_DIR, report.REPORT_DIR)
+# _tmp/ is kept for a resumed run (`resume.prepare_tmp` decides).
+_RUN_DIRS: tuple[str, ...] = (*SPLITS, FAILED_DIR, report.REPORT_DIR)
 # At most this many bins in the note-length histogram, whatever the data: memory stays bounded
 # and notes of a few hundred tokens still get a fine histogram under the default 8192 limit.
 NOTE_TOKEN_BINS = 1024
@@ -61,14 +63,17 @@ NOTE_TOKEN_BINS = 1024
 _LOG = logging.getLogger(__name__)
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
+def check_output_dir(output_dir: str, overwrite: bool, fingerprint: Optional[str] = None
+                     ) -> None:
     """Makes `output_dir` ready for a run, before any work.
 
     A complete output (metadata.json present) stops the run unless `overwrite`; with it, or
     for an incomplete output (what a crashed run left), metadata.json goes first (so a crash
     while clearing leaves an output that reads as incomplete), then train/, val/, test/,
-    failed/, _tmp/, report/, report.html (so no example record of an earlier run is left) and
-    DATASET_CARD.md.
+    failed/, report/, report.html (so no example record of an earlier run is left) and
+    DATASET_CARD.md. `_tmp/` is kept when it holds the groups of an interrupted run with the
+    same `fingerprint` (`transforms.write.resume`), and cleared otherwise (always with
+    `overwrite`, or without a fingerprint).
     Other files in the directory are not touched.
 
     Raises:
@@ -87,6 +92,10 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         storage.delete_tree(storage.join(output_dir, name))
     storage.delete([storage.join(output_dir, report.REPORT_NAME),
                    storage.join(output_dir, dataset_card.CARD_NAME)])
+    if fingerprint is None:
+        storage.delete_tree(tmp_dir(output_dir))
+    else:
+        prepare_tmp(output_dir, fingerprint, overwrite)
 
 
 def _label_class(value: float) -> str:
@@ -209,10 +218,10 @@ _SUMMARY_STATS = {"classes": _ClassCounts, "length": _LengthHistogram,
 class _SplitStatsFn(beam.CombineFn):
     """Per split: records, patients, records per stratum and per key, and each summarised
     record field's statistics (`record.SUMMARISED`: label classes, a fixed-bin histogram of
-    note tokens, per feature the records missing it), from the facts on the `SpillRef`s.
+    note tokens, per feature the records missing it), from the facts on the `RecordRef`s.
 
     Args:
-        feature_names: names of clinical_data's columns (`SpillRef.clinical_missing` indexes
+        feature_names: names of clinical_data's columns (`RecordRef.clinical_missing` indexes
             them).
         max_text_length: the run's --max_text_length (sets the histogram's bins).
         label_names: names of the labels.
@@ -237,7 +246,7 @@ class _SplitStatsFn(beam.CombineFn):
                           "fields": {key: stat.new() for key, stat in self._stats.items()}}
         return acc[split]
 
-    def add_input(self, acc: dict, element: tuple[str, SpillRef]) -> dict:
+    def add_input(self, acc: dict, element: tuple[str, RecordRef]) -> dict:
         split, ref = element
         tally = self._tally(acc, split)
         tally["records"] += 1
@@ -390,7 +399,7 @@ def failed_bytes(dead_letters: Iterable[DeadLetter]) -> bytes:
     return "".join(line + "\n" for *_, line in lines).encode()
 
 
-def _split_of_ref(ref: SpillRef, assignment: SplitAssignment) -> tuple[str, SpillRef]:
+def _split_of_ref(ref: RecordRef, assignment: SplitAssignment) -> tuple[str, RecordRef]:
     return assignment.split_of(ref.subject_id), ref
 
 
@@ -480,7 +489,7 @@ class WriteMetadata(beam.PTransform):
 
     Input: a dict of PCollections:
         "chunks": `ChunkInfo` of every chunk (`WriteChunks`' output).
-        "refs": `SpillRef` of every record written (`SpillSamples`' output).
+        "refs": `RecordRef` of every record written (`PreprocessGroups`' output).
         "assignment": the one-element `SplitAssignment` PCollection (`SplitPatients`).
         "dead_letters": `records.DeadLetter` of every stage, flattened.
         "dropped": the reason string of every image that is not a record (`JoinCohort`).

@@ -1,35 +1,34 @@
-"""Fixed-size chunk files, laid out after the heavy stages so failed records leave no holes.
+"""Fixed-size chunk files from the written groups: renamed into place, rewritten only if short.
 
-The refs of the records that made it through preprocessing (`SpillRef`) are grouped by split;
-within a split they are ordered by a sha256 of (seed, record_id), so chunk `i` holds the
-records at positions [i * chunk_size, (i + 1) * chunk_size) of that order: every chunk is full
-but the last of each split, and names and contents do not depend on bundling or worker count.
-Only refs cross the two GroupByKeys; the writer reads one chunk's records back from their
-temporary files, writes the chunk atomically (`transforms.storage.write_bytes`) and deletes
-them.
+`PreprocessGroups` has written every group of `chunk_size` records as a chunk file under
+`_tmp/groups/`. Once all are written, `WriteChunks` lays out each split's final chunks
+(`transforms.write.layout.lay_out_chunks`: every chunk full but the last of its split), then
+for each chunk either renames its group's file into place (a group that lost no record: no
+byte is read or written) or, for a chunk that failures left short and the split's last chunk,
+assembles it from slices of the groups' files. Names and contents do not depend on bundling,
+worker count or restarts. Only `GroupInfo`s (ids, paths, hashes) cross the shuffles.
 
-The pipeline's output stages, in order (`transforms.write.spill.SpillSamples`, `WriteChunks`,
-`transforms.write.metadata.WriteMetadata`):
+The pipeline's output stages, in order (`transforms.write.groups.PreprocessGroups`,
+`WriteChunks`, `transforms.write.metadata.WriteMetadata`):
 
-    refs = samples | SpillSamples(output_dir)
-    chunks = (refs, assignment) | WriteChunks(output_dir, chunk_size, seed)
-    {"chunks": chunks, "refs": refs, ...} | WriteMetadata(output_dir, config, ...)
+    written = (records, assignment) | PreprocessGroups(output_dir, chunk_size, seed, ...)
+    chunks = written[GROUPS_TAG] | WriteChunks(output_dir)
+    {"chunks": chunks, "refs": written[REFS_TAG], ...} | WriteMetadata(output_dir, config, ...)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from typing import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms import storage
-from transforms.chunks.format import chunk_relpath, decode_chunk, decode_record, encode_chunk
-from transforms.write.spill import SpillRef, to_chunk_record
-from transforms.splits import SplitAssignment
+from transforms.chunks.format import chunk_relpath, decode_chunk, encode_chunk, record_at
+from transforms.write.groups import GroupInfo
+from transforms.write.layout import ChunkPlan, lay_out_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,142 +43,116 @@ class ChunkInfo:
     sha256: str
 
 
-# ((split, chunk index), (offset in the chunk, chunks in the split, ref))
-Slot = tuple[tuple[str, int], tuple[int, int, SpillRef]]
-
-
-def chunk_count(n_records: int, chunk_size: int) -> int:
-    """How many chunks `n_records` records fill: ceil(n / chunk_size)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return math.ceil(n_records / chunk_size)
-
-
-def record_order_key(seed: int, record_id: str) -> bytes:
-    """The record's place in its split's chunk order (a stable hash, the same on every worker)."""
-    return hashlib.sha256(f"chunk:{seed}:{record_id}".encode()).digest()
-
-
-def lay_out_split(
-    split: str, refs: Iterable[SpillRef], chunk_size: int, seed: int
-) -> Iterator[Slot]:
-    """Places every ref of `split` in its chunk: a pure function of the record ids and seed.
+def plan_split(element: tuple[str, Iterable[GroupInfo]], chunk_size: int
+               ) -> Iterator[tuple[ChunkPlan, dict[int, GroupInfo]]]:
+    """Each final chunk of a split with the groups it is made of.
 
     Raises:
-        ValueError: two refs with one record_id (a record spilled twice upstream).
+        ValueError: a group missing or reported twice (a record lost upstream).
     """
-    ordered = sorted(refs, key=lambda r: (record_order_key(seed, r.record_id), r.record_id))
-    for before, after in zip(ordered, ordered[1:]):
-        if before.record_id == after.record_id:
-            raise ValueError(f"record {before.record_id} reached the chunk writer twice")
-    count = chunk_count(len(ordered), chunk_size)
-    for position, ref in enumerate(ordered):
-        index, offset = divmod(position, chunk_size)
-        yield (split, index), (offset, count, ref)
-
-
-def _lay_out(
-    element: tuple[str, Iterable[SpillRef]], chunk_size: int, seed: int
-) -> Iterator[Slot]:
-    split, refs = element
-    return lay_out_split(split, refs, chunk_size, seed)
-
-
-def _key_by_split(ref: SpillRef, assignment: SplitAssignment) -> tuple[str, SpillRef]:
-    return assignment.split_of(ref.subject_id), ref
+    split, infos = element
+    by_group = {}
+    for info in infos:
+        if info.group in by_group:
+            raise ValueError(f"group {split}/{info.group} reached the chunk writer twice")
+        by_group[info.group] = info
+    if sorted(by_group) != list(range(len(by_group))):
+        raise ValueError(f"the {split} groups are not 0..{len(by_group) - 1}")
+    written = [len(by_group[g].record_ids) for g in range(len(by_group))]
+    for plan in lay_out_chunks(split, written, chunk_size):
+        yield plan, {g: by_group[g] for g, _, _ in plan.parts}
 
 
 class _WriteChunkFn(beam.DoFn):
-    """Assembles one chunk from its records' temporary files and writes it atomically."""
+    """Puts one final chunk in place: renames its group's file, or assembles it."""
 
     def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir
         self._chunks = Metrics.counter("chunks", "chunks_written")
+        self._renamed = Metrics.counter("chunks", "chunks_renamed")
         self._records = Metrics.counter("chunks", "records_written")
 
-    def process(self, element: tuple[tuple[str, int], Iterable[tuple]]) -> Iterator[ChunkInfo]:
-        (split, index), slots = element
-        slots = sorted(slots, key=lambda slot: slot[0])
-        if [offset for offset, _, _ in slots] != list(range(len(slots))):
-            raise ValueError(f"chunk {split}/{index} has gaps or repeats in its offsets")
-        count = slots[0][1]
-        refs = [ref for _, _, ref in slots]
-        relpath = chunk_relpath(split, index, count)
+    def process(self, element: tuple[ChunkPlan, dict[int, GroupInfo]]) -> Iterator[ChunkInfo]:
+        plan, groups = element
+        relpath = chunk_relpath(plan.split, plan.index, plan.count)
         path = storage.join(self._output_dir, relpath)
-        try:
-            data = self._encode(refs, split, index, count)
-        except FileNotFoundError:
-            data = self._written_before(path, refs)
+        if plan.group is not None:
+            info = groups[plan.group]
+            _rename(info, path)
+            size, sha256 = info.bytes, info.sha256
+            self._renamed.inc()
         else:
+            data = _assemble(plan, groups)
             storage.write_bytes(path, data)
-        info = ChunkInfo(
-            path=relpath,
-            split=split,
-            index=index,
-            records=len(refs),
-            bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-        del data
-        storage.delete([ref.path for ref in refs])
+            size, sha256 = len(data), hashlib.sha256(data).hexdigest()
         self._chunks.inc()
-        self._records.inc(len(refs))
-        yield info
+        self._records.inc(plan.records)
+        yield ChunkInfo(path=relpath, split=plan.split, index=plan.index, records=plan.records,
+                        bytes=size, sha256=sha256)
 
-    @staticmethod
-    def _encode(refs: list[SpillRef], split: str, index: int, count: int) -> bytes:
-        records = []
-        for ref in refs:
-            record = decode_record(storage.read_bytes(ref.path))
-            record["split"] = split
-            records.append(record)
-        return encode_chunk(records, split=split, index=index, count=count)
 
-    @staticmethod
-    def _written_before(path: str, refs: list[SpillRef]) -> bytes:
-        """A retried bundle whose first attempt wrote the chunk and deleted its records."""
-        if not storage.exists(path):
+def _rename(info: GroupInfo, path: str) -> None:
+    """Moves a group's file to its chunk's name; a retried bundle finds it moved already."""
+    try:
+        storage.move(info.path, path)
+    except FileNotFoundError:
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
             raise FileNotFoundError(
-                f"the temporary records of {path} are missing and the chunk was never written"
-            )
-        data = storage.read_bytes(path)
-        if decode_chunk(data)["record_id"] != [ref.record_id for ref in refs]:
-            raise ValueError(f"{path} exists with other records and its temporaries are gone")
-        return data
+                f"the written group {info.path} is missing and {path} was never written"
+            ) from None
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise ValueError(f"{path} exists with other bytes and {info.path} is gone") from None
 
 
+def _assemble(plan: ChunkPlan, groups: dict[int, GroupInfo]) -> bytes:
+    """The chunk's bytes from slices of its groups' files (each file read once)."""
+    chunks = {}
+    records = []
+    for group, first, end in plan.parts:
+        info = groups[group]
+        if group not in chunks:
+            data = storage.read_bytes(info.path)
+            if hashlib.sha256(data).hexdigest() != info.sha256:
+                raise ValueError(f"{info.path} changed after it was written")
+            chunks[group] = decode_chunk(data)
+        lists = {"text_offsets": chunks[group]["text_offsets"].tolist()}
+        records += [record_at(chunks[group], i, lists=lists) for i in range(first, end)]
+    return encode_chunk(records, split=plan.split)
+
+
+def _key_by_split(info: GroupInfo) -> tuple[str, GroupInfo]:
+    return info.split, info
+
+
+@beam.typehints.with_input_types(GroupInfo)
 @beam.typehints.with_output_types(ChunkInfo)
 class WriteChunks(beam.PTransform):
-    """Writes the spilled records of each split as fixed-size chunk files.
+    """Puts the written groups in place as each split's fixed-size chunk files.
 
-    Input: a tuple `(refs, assignment)`: the `SpillRef`s of `SpillSamples`, and the
-        one-element `SplitAssignment` PCollection of `splits.SplitPatients` (read here as a
-        side input).
-    Output: `ChunkInfo`, one per chunk written to
-        `{output_dir}/{split}/{split}-{index:05d}-of-{count:05d}.pt`: every chunk holds
-        exactly `chunk_size` records but the last of each split. No dead letters: a record
-        that failed upstream never became a ref, so it takes no place in any chunk.
+    Input: `GroupInfo` of every group (`PreprocessGroups`' GROUPS_TAG output).
+    Output: `ChunkInfo`, one per chunk at `{output_dir}/{split}/{split}-{index:05d}-of-
+        {count:05d}.pt`: every chunk holds exactly `chunk_size` records but the last of each
+        split. No dead letters: a record that failed upstream is in no group's file.
 
     Args:
         output_dir: local dir or gs:// URI of the dataset.
-        chunk_size: records per chunk.
-        seed: seed of the record order within each split.
+        chunk_size: records per chunk (the groups' size).
     """
 
-    def __init__(self, output_dir: str, chunk_size: int, seed: int) -> None:
+    def __init__(self, output_dir: str, chunk_size: int) -> None:
         super().__init__()
-        chunk_count(0, chunk_size)  # validates chunk_size
         self._output_dir = output_dir.rstrip("/")
         self._chunk_size = int(chunk_size)
-        self._seed = int(seed)
 
-    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> beam.PCollection:
-        refs, assignment = inputs
+    def expand(self, groups: beam.PCollection) -> beam.PCollection:
         return (
-            refs
-            | "KeyBySplit" >> beam.Map(_key_by_split, beam.pvalue.AsSingleton(assignment))
+            groups
+            | "KeyBySplit" >> beam.Map(_key_by_split)
             | "GroupBySplit" >> beam.GroupByKey()
-            | "LayOutChunks" >> beam.FlatMap(_lay_out, self._chunk_size, self._seed)
-            | "GroupByChunk" >> beam.GroupByKey()
+            | "LayOutChunks" >> beam.FlatMap(plan_split, self._chunk_size)
+            # Assembling a short chunk reads its groups: spread the chunks over the workers.
+            | "Spread" >> beam.Reshuffle()
             | "WriteChunk" >> beam.ParDo(_WriteChunkFn(self._output_dir))
         )
