@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +138,37 @@ def _progress(log: Path) -> list[tuple[float, int, float, int]]:
     return found
 
 
+class DiskSampler:
+    """Peak bytes used on the file system of `folder` above what was used at the start,
+    sampled every `interval` s (the run's temporary and final files, and nothing it freed)."""
+
+    def __init__(self, folder: Path, interval: float = 1.0) -> None:
+        self._folder, self._interval = folder, interval
+        self._stop = threading.Event()
+        self.start = self.peak = self._used()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _used(self) -> int:
+        info = os.statvfs(self._folder)
+        return (info.f_blocks - info.f_bfree) * info.f_frsize
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._used())
+
+    def __enter__(self) -> "DiskSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.start
+
+
 def end_to_end(data: Path, work: Path, extra: list[str], tight_n: int) -> int:
     import torch
 
@@ -145,11 +177,15 @@ def end_to_end(data: Path, work: Path, extra: list[str], tight_n: int) -> int:
     print(f"image-only tight loop, 2 processes, {tight_n} images: {tight:.1f} records/s")
     out = work / "e2e"
     shutil.rmtree(out, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     samplers: list = []
     log = work / "e2e.log"
-    code, wall, peak = run_measured(_command(data, out, *extra), str(log), sampler_out=samplers)
-    print(f"end to end: exit {code}, {wall:.1f} s ({wall / 60:.1f} min), peak "
-          f"{peak / 2**30:.2f} GB; log {log}")
+    cache = "cold" if drop_caches() else "warm (not root: could not drop the page cache)"
+    with DiskSampler(work) as disk:
+        code, wall, peak = run_measured(_command(data, out, *extra), str(log),
+                                        sampler_out=samplers)
+    print(f"end to end ({cache} page cache): exit {code}, {wall:.1f} s ({wall / 60:.1f} min), "
+          f"peak {peak / 2**30:.2f} GB; log {log}")
     lines = _progress(log)
     if lines:
         sampler, (t_last, done, rate, total) = samplers[0], lines[-1]
@@ -177,6 +213,12 @@ def end_to_end(data: Path, work: Path, extra: list[str], tight_n: int) -> int:
           f"{len(dicom_ids)}: {'exact' if exact else 'NOT EXACT'} (missing "
           f"{len(dicom_ids - found)}, extra {len(found - dicom_ids)})")
     print(f"rate end to end: {len(written) / wall:.1f} records/s")
+    loop_s = len(found) / tight
+    print(f"wall / image-only loop time for the same {len(found)} images ({loop_s:.0f} s): "
+          f"{wall / loop_s:.2f}")
+    dataset = sum(c["bytes"] for c in meta["chunks"])
+    print(f"disk: peak {disk.grown / 2**30:.2f} GiB above the start, finished dataset "
+          f"{dataset / 2**30:.2f} GiB in chunks: {disk.grown / dataset:.2f} x")
     return 0 if exact else 1
 
 

@@ -16,7 +16,7 @@ from pipelines.config import DatasetOptions, config_from_options
 from tests.test_report import FEATURES, _refs, _stats, make_meta
 from transforms.write import dataset_card, provenance, report
 from transforms.join import schema
-from transforms.write.write_chunks import ChunkInfo
+from transforms.write.write_chunks import ChunkInfo, PlacedChunk
 from transforms.write.metadata import (
     METADATA_NAME,
     _CommitFn,
@@ -188,8 +188,13 @@ def _commit(out: Path) -> dict:
     """Runs the commit step directly (no pipeline) on the report test's 12 records."""
     elements = _refs()
     stats = _stats(elements)
-    chunks = [ChunkInfo(f"{s}/{s}-00000-of-00001.pt", s, 0, stats[s]["records"], 10, "0" * 64)
-              for s in SPLITS]
+    chunks = []
+    for s in SPLITS:
+        source = out / "_tmp" / "groups" / f"{s}.pt"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(b"0123456789")
+        chunks.append(PlacedChunk(ChunkInfo(f"{s}/{s}-00000-of-00001.pt", s, 0,
+                                            stats[s]["records"], 10, "0" * 64), str(source)))
     assignment = SplitAssignment({ref.subject_id: split for split, ref in elements}, 42,
                                  (0.7, 0.15, 0.15), records=len(elements))
     # What the stages upstream counted for these records (see transforms.ledger).

@@ -21,9 +21,8 @@ import torch
 
 from pipelines import build_dataset
 from synthetic.mimic import generate
-from transforms.write.groups import GroupInfo
 from transforms.write.layout import group_of, group_starts, lay_out_chunks, record_order_key
-from transforms.write.write_chunks import _rename
+from transforms.write.write_chunks import ChunkInfo, PlacedChunk, place_chunks
 
 CHUNK = 5
 
@@ -80,19 +79,21 @@ def test_groups_are_consecutive_runs_of_the_record_order() -> None:
         group_starts(keys + keys[3:4], 5)
 
 
-def test_a_retried_rename_finds_its_chunk_in_place(tmp_path: Path) -> None:
+def test_a_retried_commit_finds_its_chunks_in_place(tmp_path: Path) -> None:
+    out = str(tmp_path)
     data = b"chunk bytes"
-    source, target = tmp_path / "_tmp" / "g.pt", tmp_path / "train" / "c.pt"
-    source.parent.mkdir()
+    source = tmp_path / "_tmp" / "groups" / "g.pt"
+    source.parent.mkdir(parents=True)
     source.write_bytes(data)
-    info = GroupInfo("train", 0, ("a",), str(source), len(data),
+    info = ChunkInfo("train/train-00000-of-00001.pt", "train", 0, 1, len(data),
                      hashlib.sha256(data).hexdigest())
-    _rename(info, str(target))
-    _rename(info, str(target))  # the bundle ran again after the move
-    assert target.read_bytes() == data and not source.exists()
-    target.unlink()
-    with pytest.raises(FileNotFoundError, match="never written"):
-        _rename(info, str(target))
+    placed = [PlacedChunk(info, str(source))]
+    place_chunks(out, placed)
+    place_chunks(out, placed)  # the commit ran again after the move
+    assert (tmp_path / info.path).read_bytes() == data and not source.exists()
+    (tmp_path / info.path).unlink()
+    with pytest.raises(FileNotFoundError, match="neither in"):
+        place_chunks(out, placed)
 
 
 # --- the pipeline --------------------------------------------------------------------------

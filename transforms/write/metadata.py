@@ -38,7 +38,7 @@ from transforms.write.provenance import collect, package_versions
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.write.groups import RecordRef
 from transforms.write.resume import TMP_DIR, prepare_tmp, tmp_dir
-from transforms.write.write_chunks import ChunkInfo
+from transforms.write.write_chunks import ChunkInfo, PlacedChunk, place_chunks
 from transforms.splits import (
     INDICES_NAME,
     SPLITS,
@@ -443,13 +443,14 @@ class _CommitFn(beam.DoFn):
 
     def process(
         self,
-        chunks: list[ChunkInfo],
+        placed: list[PlacedChunk],
         stats: dict,
         dead: list[DeadLetter],
         dropped: list[tuple[str, int]],
         assignment: SplitAssignment,
         ledger: dict[str, int],
     ) -> Iterable[dict]:
+        chunks = [p.info for p in placed]
         check_conservation({
             **ledger,
             ledger_names.ARRIVED_CHUNK_RECORDS: sum(c.records for c in chunks),
@@ -469,6 +470,8 @@ class _CommitFn(beam.DoFn):
             assignment=assignment,
             **self._settings,
         )
+        # Only now, with every count checked, do the chunks take their names.
+        place_chunks(out, placed)
         storage.write_bytes(storage.join(out, INDICES_NAME), indices_bytes(assignment))
         # Temporary files of local writes that a failed bundle abandoned.
         storage.delete(path for split in SPLITS
@@ -488,7 +491,8 @@ class WriteMetadata(beam.PTransform):
     """Commits the output: failed/, stratification_indices.json, the report, then metadata.json.
 
     Input: a dict of PCollections:
-        "chunks": `ChunkInfo` of every chunk (`WriteChunks`' output).
+        "chunks": `PlacedChunk` of every chunk (`WriteChunks`' output), renamed into place
+            here once the counts add up.
         "refs": `RecordRef` of every record written (`PreprocessGroups`' output).
         "assignment": the one-element `SplitAssignment` PCollection (`SplitPatients`).
         "dead_letters": `records.DeadLetter` of every stage, flattened.

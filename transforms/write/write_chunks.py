@@ -2,11 +2,14 @@
 
 `PreprocessGroups` has written every group of `chunk_size` records as a chunk file under
 `_tmp/groups/`. Once all are written, `WriteChunks` lays out each split's final chunks
-(`transforms.write.layout.lay_out_chunks`: every chunk full but the last of its split), then
-for each chunk either renames its group's file into place (a group that lost no record: no
-byte is read or written) or, for a chunk that failures left short and the split's last chunk,
-assembles it from slices of the groups' files. Names and contents do not depend on bundling,
-worker count or restarts. Only `GroupInfo`s (ids, paths, hashes) cross the shuffles.
+(`transforms.write.layout.lay_out_chunks`: every chunk full but the last of its split). A
+chunk that is a group as written (it lost no record) keeps that file: no byte is read or
+written. A chunk that failures left short, and the split's last chunk, is assembled from slices
+of the groups' files into `_tmp/assembled/`. Each chunk leaves as a `PlacedChunk`: its manifest
+entry and the temporary file that the commit (`transforms.write.metadata`) renames to its name,
+once the run's counts add up, so an interrupted or refused run publishes nothing and keeps
+every file a re-run can reuse. Names and contents do not depend on bundling, worker count or
+restarts. Only `GroupInfo`s (ids, paths, hashes) cross the shuffles.
 
 The pipeline's output stages, in order (`transforms.write.groups.PreprocessGroups`,
 `WriteChunks`, `transforms.write.metadata.WriteMetadata`):
@@ -29,6 +32,10 @@ from transforms import storage
 from transforms.chunks.format import chunk_relpath, decode_chunk, encode_chunk, record_at
 from transforms.write.groups import GroupInfo
 from transforms.write.layout import ChunkPlan, lay_out_chunks
+from transforms.write.resume import tmp_dir
+
+
+ASSEMBLED_DIR = "assembled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +48,14 @@ class ChunkInfo:
     records: int
     bytes: int
     sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedChunk:
+    """A chunk ready to publish: its manifest entry and the temporary file holding it."""
+
+    info: ChunkInfo
+    source: str
 
 
 def plan_split(element: tuple[str, Iterable[GroupInfo]], chunk_size: int
@@ -64,46 +79,53 @@ def plan_split(element: tuple[str, Iterable[GroupInfo]], chunk_size: int
 
 
 class _WriteChunkFn(beam.DoFn):
-    """Puts one final chunk in place: renames its group's file, or assembles it."""
+    """Readies one final chunk: its group's file as it stands, or one assembled from slices."""
 
     def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir
         self._chunks = Metrics.counter("chunks", "chunks_written")
-        self._renamed = Metrics.counter("chunks", "chunks_renamed")
+        self._assembled = Metrics.counter("chunks", "chunks_assembled")
         self._records = Metrics.counter("chunks", "records_written")
 
-    def process(self, element: tuple[ChunkPlan, dict[int, GroupInfo]]) -> Iterator[ChunkInfo]:
+    def process(self, element: tuple[ChunkPlan, dict[int, GroupInfo]]) -> Iterator[PlacedChunk]:
         plan, groups = element
         relpath = chunk_relpath(plan.split, plan.index, plan.count)
-        path = storage.join(self._output_dir, relpath)
         if plan.group is not None:
             info = groups[plan.group]
-            _rename(info, path)
-            size, sha256 = info.bytes, info.sha256
-            self._renamed.inc()
+            source, size, sha256 = info.path, info.bytes, info.sha256
         else:
             data = _assemble(plan, groups)
-            storage.write_bytes(path, data)
+            source = storage.join(tmp_dir(self._output_dir), ASSEMBLED_DIR, relpath)
+            storage.write_bytes(source, data)  # a retried bundle writes the same bytes
             size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+            self._assembled.inc()
         self._chunks.inc()
         self._records.inc(plan.records)
-        yield ChunkInfo(path=relpath, split=plan.split, index=plan.index, records=plan.records,
-                        bytes=size, sha256=sha256)
+        yield PlacedChunk(ChunkInfo(path=relpath, split=plan.split, index=plan.index,
+                                    records=plan.records, bytes=size, sha256=sha256), source)
 
 
-def _rename(info: GroupInfo, path: str) -> None:
-    """Moves a group's file to its chunk's name; a retried bundle finds it moved already."""
-    try:
-        storage.move(info.path, path)
-    except FileNotFoundError:
+def place_chunks(output_dir: str, chunks: Iterable[PlacedChunk]) -> None:
+    """Renames each chunk's temporary file to its name (the commit's first step). A chunk
+    already in place (the commit ran before and was retried) is checked, not moved again.
+
+    Raises:
+        FileNotFoundError: a chunk neither in its temporary file nor in place.
+        ValueError: a chunk in place with other bytes.
+    """
+    pairs = [(c.source, storage.join(output_dir, c.info.path), c.info) for c in chunks]
+    present = set(storage.list_files(storage.join(tmp_dir(output_dir), "**")))
+    for source, target, info in pairs:
+        if source in present:
+            continue
         try:
-            data = storage.read_bytes(path)
+            data = storage.read_bytes(target)
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"the written group {info.path} is missing and {path} was never written"
-            ) from None
+                f"the chunk {info.path} is neither in {source} nor in place") from None
         if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise ValueError(f"{path} exists with other bytes and {info.path} is gone") from None
+            raise ValueError(f"{target} exists with other bytes and {source} is gone")
+    storage.move_many([(s, t) for s, t, _ in pairs if s in present])
 
 
 def _assemble(plan: ChunkPlan, groups: dict[int, GroupInfo]) -> bytes:
@@ -127,14 +149,15 @@ def _key_by_split(info: GroupInfo) -> tuple[str, GroupInfo]:
 
 
 @beam.typehints.with_input_types(GroupInfo)
-@beam.typehints.with_output_types(ChunkInfo)
+@beam.typehints.with_output_types(PlacedChunk)
 class WriteChunks(beam.PTransform):
-    """Puts the written groups in place as each split's fixed-size chunk files.
+    """Readies the written groups as each split's fixed-size chunk files.
 
     Input: `GroupInfo` of every group (`PreprocessGroups`' GROUPS_TAG output).
-    Output: `ChunkInfo`, one per chunk at `{output_dir}/{split}/{split}-{index:05d}-of-
-        {count:05d}.pt`: every chunk holds exactly `chunk_size` records but the last of each
-        split. No dead letters: a record that failed upstream is in no group's file.
+    Output: `PlacedChunk`, one per chunk to publish at `{output_dir}/{split}/{split}-
+        {index:05d}-of-{count:05d}.pt` (`place_chunks`, at the commit): every chunk holds
+        exactly `chunk_size` records but the last of each split. No dead letters: a record
+        that failed upstream is in no group's file.
 
     Args:
         output_dir: local dir or gs:// URI of the dataset.
