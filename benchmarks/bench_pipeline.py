@@ -87,7 +87,7 @@ def _tight_worker(args) -> tuple[float, float, int]:
     from transforms.images import preprocess_image
     from transforms.text.notes import NoteBuilder, load_text_resources
     from transforms.records import sample_from
-    from transforms.write.spill import to_chunk_record
+    from transforms.write.groups import to_chunk_record
 
     builder = NoteBuilder(load_text_resources())
     while time.time() < barrier_time:  # both processes start the clock together

@@ -8,7 +8,7 @@ Writes benchmarks/measured_costs.json with, per record and on one core of this m
     the retrieval cache never helps (real data repeats chief complaints: an upper bound);
   - encode_seconds and record_bytes: `transforms.chunks.encode_record` of the finished record
     (what is spilled and what a chunk file stores per record);
-  - ref_bytes: one encoded spill reference, what crosses the shuffles instead of the record;
+  - ref_bytes: one encoded record reference, what crosses the shuffles instead of the record;
 and per SDK process: the resident memory with Beam, torch and the text resources loaded (the
 model is loaded once per process), and the peak memory one image in flight adds.
 Seconds are process CPU time (time.process_time): a busy machine inflates them less than wall
@@ -232,20 +232,19 @@ def measure(n_images: int, n_records: int, repeats: int) -> dict:
 
 
 def _ref_bytes(record: dict) -> int:
-    """Encoded size of one spill reference (what crosses the shuffles instead of the record)."""
+    """Encoded size of one record reference (what crosses the shuffles instead of the record)."""
     from apache_beam.coders import registry
 
-    from transforms.write.spill import SpillRef, spill_path
+    from transforms.write.groups import RecordRef
 
-    ref = SpillRef(
+    ref = RecordRef(
         record_id=record["record_id"], subject_id=record["subject_id"],
         study_id=record["study_id"], stratum="AP|triage_and_vitals|abnormal",
         labels=tuple(float(v) for v in record["labels"]),
-        path=spill_path("gs://my-bucket/mimic-multimodal/v1", record["record_id"]),
-        nbytes=300_000, note_tokens=len(record["text_input_ids"]),
+        note_tokens=len(record["text_input_ids"]),
         clinical_missing=tuple(i for i, seen in enumerate(record["clinical_mask"]) if not seen),
     )
-    return len(registry.get_coder(SpillRef).encode(ref))
+    return len(registry.get_coder(RecordRef).encode(ref))
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,10 @@
 """Sizes of what crosses side inputs and shuffles at the real dataset's scale.
 
 Builds the split assignment for 65,000 patients (the `AsSingleton` side input of the chunk and
-metadata stages) and 107,949 spill references (the only per-record payload that crosses the
+metadata stages) and 107,949 record references (the only per-record payload that crosses the
 GroupByKeys), encodes them with the coders Beam uses for them, and prints the sizes. Records'
-images and token ids never cross either: they are spilled where they are made.
+images and token ids never cross either: they are written, in their group's chunk, where they
+are made.
 
     .venv/bin/python benchmarks/side_inputs.py [--patients 65000] [--records 107949]
 """
@@ -28,7 +29,7 @@ def main() -> None:
 
     from apache_beam.coders import registry
 
-    from transforms.write.spill import SpillRef, spill_path
+    from transforms.write.groups import RecordRef
     from transforms.splits import SplitAssignment, hash_split
 
     rng = random.Random(0)
@@ -38,16 +39,15 @@ def main() -> None:
     coder = registry.get_coder(SplitAssignment)
     assignment_bytes = len(coder.encode(assignment))
 
-    ref_coder = registry.get_coder(SpillRef)
+    ref_coder = registry.get_coder(RecordRef)
     sizes = []
     for i in range(1000):  # the per-ref size is uniform; 1,000 give the mean
         subject = subjects[i % len(subjects)]
         study = 50_000_000 + i
         record_id = f"{subject}_{study}_{rng.getrandbits(128):032x}"
-        ref = SpillRef(
+        ref = RecordRef(
             record_id=record_id, subject_id=subject, study_id=study, stratum="AP|triage_and_vitals|abnormal",
             labels=tuple(rng.choice((1.0, 0.0, -1.0, float("nan"))) for _ in range(14)),
-            path=spill_path("gs://my-bucket/mimic-multimodal/v1", record_id), nbytes=271_000,
             note_tokens=rng.randrange(150, 600),  # the report's facts: note length and the
             clinical_missing=tuple(sorted(rng.sample(range(26), 8))),  # ~8 of 26 missing
         )
@@ -58,8 +58,8 @@ def main() -> None:
         "patients": args.patients,
         "split_assignment_side_input_bytes": assignment_bytes,
         "records": args.records,
-        "spill_ref_bytes_each": round(ref_bytes),
-        "spill_refs_shuffled_total_mb": round(ref_bytes * args.records / 2**20, 1),
+        "record_ref_bytes_each": round(ref_bytes),
+        "record_refs_shuffled_total_mb": round(ref_bytes * args.records / 2**20, 1),
         "largest_group_mb (GroupBySplit, train = 70%)": round(
             ref_bytes * args.records * 0.7 / 2**20, 1),
     }, indent=2))

@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import logging
 import os
 import re
@@ -87,13 +88,17 @@ ASSUMPTIONS = {
     # worker; a prebuilt --sdk_container_image (the Dockerfile's) skips the install.
     "startup_minutes": 6.0,
     "startup_minutes_with_container": 3.0,
-    # Times each record's small reference crosses a shuffle (split grouping, chunk grouping);
-    # the records themselves go through GCS (spill write, then read back by the chunk writer).
+    # Times each record's small reference crosses a shuffle (the record into its group, its
+    # ref into the split statistics); the heavy record never does: each group is written once,
+    # as its chunk, where it is preprocessed.
     "shuffle_passes": 2,
-    # Cloud Storage operations per record: writes (the spill file's one upload, its delete once
-    # chunked) and reads (the source JPEG, the spill file read back).
-    "gcs_writes_per_record": 2,
+    # Cloud Storage operations (measured on the emulator, benchmarks/measure_gcs_ops.py):
+    # class A per chunk (the group's chunk and sidecar uploads, the copy to its name; deletes
+    # are free), class B per record (the source JPEG, its metadata for the resume fingerprint)
+    # and per chunk (the look for a finished group to reuse).
+    "gcs_writes_per_chunk": 3,
     "gcs_reads_per_record": 2,
+    "gcs_reads_per_chunk": 1,
     # Dataflow's own worker processes and the OS (Dataflow's OOM guide: "typically < 1 GB").
     "worker_system_gb": 1.0,
 }
@@ -593,8 +598,10 @@ def estimate(cfg: DataflowConfig, costs: dict, records: int = DEFAULT_RECORDS) -
               + cfg["disk_size_gb"] * prices["pd_standard_gb_hour"])
     worker_cost = workers * (processing_h + startup_min / 60) * hourly
     shuffle_gb = records * costs["ref_bytes"] * a["shuffle_passes"] / 1e9
-    gcs_ops = records * (a["gcs_writes_per_record"] * prices["gcs_class_a_per_1000"]
-                         + a["gcs_reads_per_record"] * prices["gcs_class_b_per_1000"]) / 1000
+    chunks = math.ceil(records / cfg["chunk_size"])
+    gcs_ops = (chunks * (a["gcs_writes_per_chunk"] * prices["gcs_class_a_per_1000"]
+                         + a["gcs_reads_per_chunk"] * prices["gcs_class_b_per_1000"])
+               + records * a["gcs_reads_per_record"] * prices["gcs_class_b_per_1000"]) / 1000
 
     one_process = "no_use_multiple_sdk_containers" in cfg["experiments"]
     processes = 1 if one_process else machine.vcpus

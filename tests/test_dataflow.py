@@ -41,8 +41,8 @@ REQUIREMENTS = [
     if line.strip() and not line.startswith("#")
 ]
 # The pipeline's composite stages (build_dataset.build_pipeline's labels).
-STAGES = ("ReadTables", "JoinCohort", "BuildNotes", "PreprocessImages", "SpillSamples",
-          "WriteChunks", "WriteMetadata")
+STAGES = ("ReadTables", "JoinCohort", "SplitPatients", "PreprocessGroups", "WriteChunks",
+          "WriteMetadata")
 
 
 def edited_example() -> dict:
@@ -336,12 +336,16 @@ def test_estimate_follows_records_workers_and_prices() -> None:
         base.vcpu_hours / (8 * 4 * a["utilization"]) * 60)
     hourly = 4 * p["vcpu_hour"] + 15 * p["memory_gb_hour"] + 50 * p["pd_standard_gb_hour"]
     assert base.worker_hourly_usd == pytest.approx(hourly)
-    # Only references are shuffled; the records go through GCS (spill write, read back).
+    # Only references are shuffled; each record is written once, in its group's chunk.
     assert base.shuffle_cost_usd == pytest.approx(
         100_000 * 500 * a["shuffle_passes"] / 1e9 * p["shuffle_gb"])
-    assert base.gcs_ops_cost_usd == pytest.approx(100_000 * (
-        a["gcs_writes_per_record"] * p["gcs_class_a_per_1000"]
-        + a["gcs_reads_per_record"] * p["gcs_class_b_per_1000"]) / 1000)
+    chunks = 100_000 // cfg["chunk_size"]
+    assert base.gcs_ops_cost_usd == pytest.approx((
+        chunks * (a["gcs_writes_per_chunk"] * p["gcs_class_a_per_1000"]
+                  + a["gcs_reads_per_chunk"] * p["gcs_class_b_per_1000"])
+        + 100_000 * a["gcs_reads_per_record"] * p["gcs_class_b_per_1000"]) / 1000)
+    # Object writes per record: well under the one upload per record of a spill.
+    assert a["gcs_writes_per_chunk"] / cfg["chunk_size"] <= 0.1
     assert dc.estimate(cfg, _costs(), records=200_000).vcpu_hours == pytest.approx(
         2 * base.vcpu_hours)
     wider = dc.validate({**edited_example(), "max_num_workers": 16})

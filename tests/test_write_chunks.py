@@ -22,6 +22,7 @@ import torch
 from pipelines import build_dataset
 from synthetic.mimic import generate
 from transforms.write.layout import group_of, group_starts, lay_out_chunks, record_order_key
+from transforms.write.resume import run_fingerprint
 from transforms.write.write_chunks import ChunkInfo, PlacedChunk, place_chunks
 
 CHUNK = 5
@@ -94,6 +95,23 @@ def test_a_retried_commit_finds_its_chunks_in_place(tmp_path: Path) -> None:
     (tmp_path / info.path).unlink()
     with pytest.raises(FileNotFoundError, match="neither in"):
         place_chunks(out, placed)
+
+
+def test_the_run_fingerprint_follows_what_shapes_the_bytes() -> None:
+    config = {"image_size": 518, "seed": 42, "max_failed_fraction": 0.01, "report_examples": 0}
+    provenance = {"versions": {"torch": "2.13.0"},
+                  "provenance": {"embedding_model_sha256": "a", "git_commit": "c1"}}
+    base = run_fingerprint(config, provenance)
+    # A setting that changes no byte, or a commit with the same source, keeps the groups.
+    assert run_fingerprint({**config, "max_failed_fraction": 0.5, "report_examples": 3},
+                           provenance) == base
+    assert run_fingerprint(config, {**provenance, "provenance": {
+        "embedding_model_sha256": "a", "git_commit": "c2"}}) == base
+    for changed in ({**config, "image_size": 256}, {**config, "seed": 1}):
+        assert run_fingerprint(changed, provenance) != base
+    assert run_fingerprint(config, {**provenance, "versions": {"torch": "2.14.1"}}) != base
+    assert run_fingerprint(config, {**provenance, "provenance": {
+        "embedding_model_sha256": "b"}}) != base
 
 
 # --- the pipeline --------------------------------------------------------------------------

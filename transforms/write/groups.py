@@ -148,6 +148,7 @@ class _PreprocessGroupFn(beam.DoFn):
 
     def setup(self) -> None:
         use_one_opencv_thread()
+        resume.record_run(self._output_dir, self._fingerprint)
         model, kb, tokenizer, max_text_length, top_k = self._text
         # One load per process, shared by every instance and thread.
         resources = notes.shared_text_resources(model, kb, tokenizer)

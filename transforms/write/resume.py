@@ -83,8 +83,8 @@ def group_fingerprint(run: str, split: str, group: int, records: Sequence[Cohort
 
 
 def prepare_tmp(output_dir: str, fingerprint: str, overwrite: bool) -> None:
-    """Keeps `_tmp/` of a crashed run with the same fingerprint (its groups are reusable),
-    clears it otherwise, and records this run's fingerprint there."""
+    """Keeps `_tmp/` of a crashed run with the same fingerprint (its groups are reusable) and
+    clears it otherwise (before any work; `record_run` writes the new one's)."""
     folder = tmp_dir(output_dir)
     run_path = storage.join(folder, RUN_NAME)
     previous = None
@@ -101,4 +101,16 @@ def prepare_tmp(output_dir: str, fingerprint: str, overwrite: bool) -> None:
     elif storage.exists(storage.join(folder, "groups")):
         _LOG.info("resuming the interrupted run in %s: its finished groups are reused where "
                   "their inputs are unchanged", output_dir)
-    storage.write_bytes(run_path, json.dumps({"fingerprint": fingerprint}).encode())
+
+
+def record_run(output_dir: str, fingerprint: str) -> None:
+    """Writes `_tmp/run.json` before the run's first group (by every worker: the same bytes),
+    so that a re-run knows whose groups `_tmp/` holds. Building a job writes nothing."""
+    run_path = storage.join(tmp_dir(output_dir), RUN_NAME)
+    data = json.dumps({"fingerprint": fingerprint}).encode()
+    try:
+        if storage.read_bytes(run_path) == data:
+            return
+    except FileNotFoundError:
+        pass
+    storage.write_bytes(run_path, data)
