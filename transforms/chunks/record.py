@@ -4,13 +4,13 @@ Each `Field` says what the value is (its kind, dtype and shape), which stage fil
 how it is summarised in metadata.json. A kind's `_Encoding` (in the spirit of
 mosaicml/streaming's encodings registry) turns that one table into every form a record takes:
 
-    stage values --coerce--> record (spill bytes, `encode_record`) --check--> canonical record
+    stage values --coerce--> record (one record's bytes, `encode_record`) --check--> canonical record
     canonical records --columns--> chunk columns (`encode_chunk`)
     chunk --reader--> record (`record_at`);  chunk --loader--> training record (`ChunkedDataset`)
-    record --fact--> the small per-field facts a `SpillRef` carries for metadata.json
+    record --fact--> the small per-field facts a `RecordRef` carries for metadata.json
 
 Adding a field is one line in `FIELDS` plus the stage code that computes its value (and, for a
-summarised field, the `SpillRef` attribute that carries its fact). The fields are listed in
+summarised field, the `RecordRef` attribute that carries its fact). The fields are listed in
 the order records and chunks store them: that order is part of the byte format.
 
 Shapes name their sizes: an int is fixed; a name ("S", "F") must be the same wherever it
@@ -44,7 +44,7 @@ class Summary:
     """How metadata.json summarises a field per split.
 
     Attributes:
-        key: the summary's key in each split's metadata.json entry, and the `SpillRef`
+        key: the summary's key in each split's metadata.json entry, and the `RecordRef`
             attribute that carries the record's fact for it.
         kind: one of SUMMARY_KINDS.
         names: the metadata.json list naming the value's positions ("label_names"), if any.
@@ -517,7 +517,7 @@ def missing_features(clinical_mask: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.nonzero(~mask).flatten().tolist())
 
 
-# A record's fact for each summary kind: small, carried on its `SpillRef`.
+# A record's fact for each summary kind: small, carried on its `RecordRef`.
 _FACTS: dict[str, Callable[[torch.Tensor], Any]] = {
     "classes": lambda value: tuple(float(v) for v in value.tolist()),
     "length": lambda value: int(value.numel()),
@@ -526,5 +526,5 @@ _FACTS: dict[str, Callable[[torch.Tensor], Any]] = {
 
 
 def record_facts(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The facts metadata.json summarises, by summary key (the `SpillRef` attributes)."""
+    """The facts metadata.json summarises, by summary key (the `RecordRef` attributes)."""
     return {f.summary.key: _FACTS[f.summary.kind](record[f.name]) for f in SUMMARISED}

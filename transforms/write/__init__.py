@@ -1,1 +1,2 @@
-"""Stage 5: spill records, write chunks, commit metadata and the report."""
+"""Stages 3-5: preprocess and write each group once, lay out the chunks, commit metadata and the
+report."""
