@@ -29,7 +29,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -138,37 +137,6 @@ def _progress(log: Path) -> list[tuple[float, int, float, int]]:
     return found
 
 
-class DiskSampler:
-    """Peak bytes used on the file system of `folder` above what was used at the start,
-    sampled every `interval` s (the run's temporary and final files, and nothing it freed)."""
-
-    def __init__(self, folder: Path, interval: float = 1.0) -> None:
-        self._folder, self._interval = folder, interval
-        self._stop = threading.Event()
-        self.start = self.peak = self._used()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _used(self) -> int:
-        info = os.statvfs(self._folder)
-        return (info.f_blocks - info.f_bfree) * info.f_frsize
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, self._used())
-
-    def __enter__(self) -> "DiskSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def grown(self) -> int:
-        return self.peak - self.start
-
-
 def end_to_end(data: Path, work: Path, extra: list[str], tight_n: int) -> int:
     import torch
 
@@ -181,9 +149,8 @@ def end_to_end(data: Path, work: Path, extra: list[str], tight_n: int) -> int:
     samplers: list = []
     log = work / "e2e.log"
     cache = "cold" if drop_caches() else "warm (not root: could not drop the page cache)"
-    with DiskSampler(work) as disk:
-        code, wall, peak = run_measured(_command(data, out, *extra), str(log),
-                                        sampler_out=samplers)
+    code, wall, peak = run_measured(_command(data, out, *extra), str(log),
+                                    sampler_out=samplers, disk=str(work))
     print(f"end to end ({cache} page cache): exit {code}, {wall:.1f} s ({wall / 60:.1f} min), "
           f"peak {peak / 2**30:.2f} GB; log {log}")
     lines = _progress(log)
@@ -217,8 +184,9 @@ def end_to_end(data: Path, work: Path, extra: list[str], tight_n: int) -> int:
     print(f"wall / image-only loop time for the same {len(found)} images ({loop_s:.0f} s): "
           f"{wall / loop_s:.2f}")
     dataset = sum(c["bytes"] for c in meta["chunks"])
-    print(f"disk: peak {disk.grown / 2**30:.2f} GiB above the start, finished dataset "
-          f"{dataset / 2**30:.2f} GiB in chunks: {disk.grown / dataset:.2f} x")
+    grown = samplers[0].disk_peak - samplers[0].disk_start
+    print(f"disk: peak {grown / 2**30:.2f} GiB above the start, finished dataset "
+          f"{dataset / 2**30:.2f} GiB in chunks: {grown / dataset:.2f} x")
     return 0 if exact else 1
 
 

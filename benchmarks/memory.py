@@ -7,7 +7,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def _children(pid: int) -> list[int]:
@@ -50,13 +50,21 @@ def tree_rss_bytes(root: int) -> int:
     return total
 
 
+def _disk_used(folder: str) -> int:
+    info = os.statvfs(folder)
+    return (info.f_blocks - info.f_bfree) * info.f_frsize
+
+
 class PeakSampler:
     """Samples a process tree's RSS every `interval` seconds in a thread; keeps the peak, and
     (wall time, CPU seconds) once a second in `cpu` for how many cores were busy when."""
 
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
+    def __init__(self, pid: int, interval: float = 0.1, disk: Optional[str] = None) -> None:
         self.pid, self.interval, self.peak = pid, interval, 0
         self.cpu: list[tuple[float, float]] = []
+        # With `disk`: bytes used on that folder's file system, at the start and at the peak.
+        self._disk = disk
+        self.disk_start = self.disk_peak = _disk_used(disk) if disk else 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -64,6 +72,8 @@ class PeakSampler:
         last = 0.0
         while not self._stop.is_set():
             self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            if self._disk:
+                self.disk_peak = max(self.disk_peak, _disk_used(self._disk))
             now = time.time()
             if now - last >= 1.0:
                 self.cpu.append((now, tree_cpu_seconds(self.pid)))
@@ -87,14 +97,16 @@ class PeakSampler:
 
 
 def run_measured(cmd: Sequence[str], log_path: str, env: dict | None = None,
-                 sampler_out: list | None = None) -> tuple[int, float, int]:
+                 sampler_out: list | None = None, disk: Optional[str] = None
+                 ) -> tuple[int, float, int]:
     """Runs `cmd`, returns (exit code, wall seconds, peak RSS bytes of its process tree).
-    The sampler (with its CPU samples) is appended to `sampler_out` when given."""
+    The sampler (with its CPU samples, and the disk use of `disk`'s file system when given)
+    is appended to `sampler_out` when given."""
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
                                 env=env or os.environ.copy())
-        with PeakSampler(proc.pid) as sampler:
+        with PeakSampler(proc.pid, disk=disk) as sampler:
             code = proc.wait()
     if sampler_out is not None:
         sampler_out.append(sampler)

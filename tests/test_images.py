@@ -295,7 +295,7 @@ def test_bad_settings_raise_value_error(radiograph_jpegs):
 
 
 def test_dofn_adds_image_and_box_to_a_new_dict(radiograph_jpegs):
-    fn = images._PreprocessImageFn(224, True, 2.0, 8, None)
+    fn = images._PreprocessImageFn(images.ImageSettings(224, True, 2.0, 8, None))
     fn.setup()
     sample = records.sample_from(make_record("good", str(radiograph_jpegs[0])))
     sample["notes"] = "kept"
@@ -308,7 +308,7 @@ def test_dofn_adds_image_and_box_to_a_new_dict(radiograph_jpegs):
 
 
 def test_dofn_sends_a_missing_file_to_the_dead_letters(tmp_path):
-    fn = images._PreprocessImageFn(224, True, 2.0, 8, None)
+    fn = images._PreprocessImageFn(images.ImageSettings(224, True, 2.0, 8, None))
     fn.setup()
     record = make_record("gone", str(tmp_path / "gone.jpg"))
 

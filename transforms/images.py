@@ -53,7 +53,8 @@ _DECODE_REASONS = (
     records.FAIL_IMAGE_NOT_AN_IMAGE,
     records.FAIL_IMAGE_UNREADABLE,
 )
-_REASONS = (records.FAIL_IMAGE_MISSING,) + _DECODE_REASONS
+# Every reason a record fails here (each a ledger entry, `failed_counter`).
+REASONS = (records.FAIL_IMAGE_MISSING,) + _DECODE_REASONS
 
 
 class ImageDecodeError(ValueError):
@@ -311,7 +312,7 @@ class _PreprocessImageFn(beam.DoFn):
     def __init__(self, settings: ImageSettings) -> None:
         self._settings = settings
         self._processed = Metrics.counter(STAGE, "images_processed")
-        self._tally = Tally([failed_counter(r) for r in _REASONS])
+        self._tally = Tally([failed_counter(r) for r in REASONS])
 
     def setup(self) -> None:
         use_one_opencv_thread()

@@ -31,8 +31,8 @@ from transforms import records as rec
 from transforms import storage
 from transforms.chunks import record
 from transforms.chunks.format import encode_chunk
+from transforms.images import REASONS as IMAGE_REASONS
 from transforms.images import ImageSettings, failed_counter, image_of, use_one_opencv_thread
-from transforms.images import _REASONS as IMAGE_REASONS
 from transforms.ledger import LEDGER_TAG, Tally
 from transforms.records import CohortRecord, DeadLetter
 from transforms.splits import SplitAssignment, record_stratum

@@ -130,7 +130,7 @@ def place_chunks(output_dir: str, chunks: Iterable[PlacedChunk]) -> None:
 
 def _assemble(plan: ChunkPlan, groups: dict[int, GroupInfo]) -> bytes:
     """The chunk's bytes from slices of its groups' files (each file read once)."""
-    chunks = {}
+    chunks: dict[int, tuple[dict, dict]] = {}  # group -> (decoded chunk, its list columns)
     records = []
     for group, first, end in plan.parts:
         info = groups[group]
@@ -138,9 +138,10 @@ def _assemble(plan: ChunkPlan, groups: dict[int, GroupInfo]) -> bytes:
             data = storage.read_bytes(info.path)
             if hashlib.sha256(data).hexdigest() != info.sha256:
                 raise ValueError(f"{info.path} changed after it was written")
-            chunks[group] = decode_chunk(data)
-        lists = {"text_offsets": chunks[group]["text_offsets"].tolist()}
-        records += [record_at(chunks[group], i, lists=lists) for i in range(first, end)]
+            chunk = decode_chunk(data)
+            chunks[group] = chunk, {"text_offsets": chunk["text_offsets"].tolist()}
+        chunk, lists = chunks[group]
+        records += [record_at(chunk, i, lists=lists) for i in range(first, end)]
     return encode_chunk(records, split=plan.split)
 
 
