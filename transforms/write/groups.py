@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import uuid
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
@@ -141,6 +142,7 @@ class _PreprocessGroupFn(beam.DoFn):
         self._seed = seed
         self._text = text  # embedding_model, knowledge_base, tokenizer, max_text_length, top_k
         self._images = images
+        self._run_id = uuid.uuid4().hex  # made with the pipeline: one per run
         self._tally = Tally([SPILLED, REUSED, notes.FAILED_TEXT,
                              *(failed_counter(r) for r in IMAGE_REASONS)])
         self._bytes = Metrics.counter("spill", "bytes_spilled")
@@ -148,7 +150,7 @@ class _PreprocessGroupFn(beam.DoFn):
 
     def setup(self) -> None:
         use_one_opencv_thread()
-        resume.record_run(self._output_dir, self._fingerprint)
+        resume.record_run(self._output_dir, self._fingerprint, self._run_id)
         model, kb, tokenizer, max_text_length, top_k = self._text
         # One load per process, shared by every instance and thread.
         resources = notes.shared_text_resources(model, kb, tokenizer)

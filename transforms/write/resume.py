@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import threading
 from typing import Any, Mapping, Optional, Sequence
 
 from transforms import storage
@@ -103,14 +104,23 @@ def prepare_tmp(output_dir: str, fingerprint: str, overwrite: bool) -> None:
                   "their inputs are unchanged", output_dir)
 
 
-def record_run(output_dir: str, fingerprint: str) -> None:
-    """Writes `_tmp/run.json` before the run's first group (by every worker: the same bytes),
-    so that a re-run knows whose groups `_tmp/` holds. Building a job writes nothing."""
-    run_path = storage.join(tmp_dir(output_dir), RUN_NAME)
-    data = json.dumps({"fingerprint": fingerprint}).encode()
-    try:
-        if storage.read_bytes(run_path) == data:
+_RECORDED: set[str] = set()
+_RECORDED_LOCK = threading.Lock()
+
+
+def record_run(output_dir: str, fingerprint: str, run_id: str) -> None:
+    """Writes `_tmp/run.json` before the run's first group (once per worker process and run
+    `run_id`, the same bytes from each), so that a re-run knows whose groups `_tmp/` holds.
+    Building a job writes nothing."""
+    with _RECORDED_LOCK:  # the threads of one process share it
+        if run_id in _RECORDED:
             return
-    except FileNotFoundError:
-        pass
-    storage.write_bytes(run_path, data)
+        run_path = storage.join(tmp_dir(output_dir), RUN_NAME)
+        data = json.dumps({"fingerprint": fingerprint}).encode()
+        try:
+            same = storage.read_bytes(run_path) == data
+        except FileNotFoundError:
+            same = False
+        if not same:
+            storage.write_bytes(run_path, data)
+        _RECORDED.add(run_id)
