@@ -184,20 +184,25 @@ class _PreprocessGroupFn(beam.DoFn):
 
     def _build(self, split: str, group: int, members: Sequence[CohortRecord],
                fingerprint: str, chunk_path: str, sidecar_path: str) -> dict:
-        built = self._builder.build([rec.sample_from(r) for r in members])
-        chunk_records, refs, dead = [], [], []
-        for sample in built:
-            if isinstance(sample, DeadLetter):
-                dead.append(sample)
-                continue
-            result = image_of(sample["cohort"], self._images)
-            if isinstance(result, DeadLetter):
-                dead.append(result)
-                continue
-            sample["image"], sample["image_box"] = result
-            chunk_record = to_chunk_record(sample, split)
-            chunk_records.append(chunk_record)
-            refs.append(record_ref(sample["cohort"], chunk_record))
+        # The images decode on a second thread while this one builds the notes: decoding
+        # releases the GIL and the notes mostly hold it, so in turn they left a core idle.
+        # A record whose text fails has its image decoded for nothing, which costs only time.
+        with concurrent.futures.ThreadPoolExecutor(1, "group-images") as pool:
+            images = [pool.submit(image_of, r, self._images) for r in members]
+            built = self._builder.build([rec.sample_from(r) for r in members])
+            chunk_records, refs, dead = [], [], []
+            for sample, image in zip(built, images):
+                result = image.result()
+                if isinstance(sample, DeadLetter):
+                    dead.append(sample)
+                    continue
+                if isinstance(result, DeadLetter):
+                    dead.append(result)
+                    continue
+                sample["image"], sample["image_box"] = result
+                chunk_record = to_chunk_record(sample, split)
+                chunk_records.append(chunk_record)
+                refs.append(record_ref(sample["cohort"], chunk_record))
         data = encode_chunk(chunk_records, split=split) if chunk_records else b""
         del chunk_records
         if data:
