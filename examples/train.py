@@ -146,6 +146,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a signal sent to the whole process group (torchrun's
+    agent, a VM shutdown, SLURM) must not kill the workers, whose SIGTERM handler exits and
+    whose death crashes their rank mid-step; the rank stops them itself when it is done."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Preemption:
     """Remembers a SIGTERM (or SIGUSR1); `agreed()` tells every rank whether any rank got one,
     so that all stop after the same step (a rank that stopped alone would hang the others)."""
@@ -153,7 +164,7 @@ class Preemption:
     def __init__(self, device: torch.device) -> None:
         self.received = False
         self.device = device
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -232,6 +243,7 @@ def train(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     loader = StatefulDataLoader(dataset, batch_size=args.batch_size,
                                 num_workers=args.num_workers, collate_fn=collate_records,
+                                worker_init_fn=ignore_preemption_signals,
                                 pin_memory=device.type == "cuda")
     step = epoch = 0
     if args.resume:
