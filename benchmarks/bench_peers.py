@@ -207,7 +207,10 @@ def run_measured(system: str, path: str, workers: int, image_dtype: str,
            "--image_dtype", image_dtype, "--batch_size", str(batch_size)]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env=os.environ | {"PYTHONPATH": str(REPO)})
+                                # One intra-op thread, as in DataLoader workers: on a busy
+                                # 2-core machine, OpenMP threads of the main process spin.
+                                env=os.environ | {"PYTHONPATH": str(REPO),
+                                                  "OMP_NUM_THREADS": "1"})
         with PeakSampler(proc.pid, interval=0.05) as sampler:
             code = proc.wait()
         log.seek(0)
