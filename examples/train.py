@@ -312,8 +312,6 @@ def train(args: argparse.Namespace) -> None:
                     f.write(line + "\n")
         checkpoint(epoch_done=True)
         epoch += 1
-        if preemption.agreed():  # a signal during validation: the checkpoint is written
-            break
     if ids_log is not None:
         ids_log.close()
     dist.destroy_process_group()
