@@ -1,0 +1,1 @@
+"""Runnable examples of using the pipeline output (not installed with the package)."""
