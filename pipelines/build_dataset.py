@@ -229,6 +229,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         check_image_root(roots, image_root(cfg), cfg.views, cfg.requester_pays_project)
         check_output_dir(cfg.output_dir, cfg.overwrite)
 
+    storage.make_root(cfg.output_dir, cfg.output_permissions)  # what the run writes inherits it
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, cfg, indices)

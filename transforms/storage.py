@@ -14,6 +14,11 @@ across fork. `user_project` bills a requester-pays bucket (PhysioNet's) on the b
 Clients honour STORAGE_EMULATOR_HOST. GCS errors come out as OSErrors naming the path: a
 missing object as FileNotFoundError, a refused one as PermissionError, an object that exists
 against `if_absent` as FileExistsError.
+
+Local modes: a file this module creates gets its folder's mode without the execute bits, a
+folder its parent's mode, whatever the process umask (the way a folder's default ACL works),
+so an output is exactly as open as its root folder, which `make_root` sets
+(`--output_permissions`: owner and group only by default; the data is credentialed).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
@@ -35,6 +41,9 @@ TMP_MARK = ".tmp-"  # in the name of a local write not published yet
 _BATCH = 100  # calls per GCS batch request (the documented limit)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _THREAD = threading.local()
+# Who may read a local output (--output_permissions): its folders' mode; files drop the x bits.
+PERMISSIONS = {"group": 0o750, "owner": 0o700, "world": 0o755}
+DEFAULT_PERMISSIONS = "group"
 
 
 def is_gcs(path: str) -> bool:
@@ -268,8 +277,49 @@ def _candidates(literal: str, rest: str) -> Iterator[str]:
 
 # --- writing ---------------------------------------------------------------------------------
 
+def _mode_of(folder: str) -> int:
+    return stat.S_IMODE(os.stat(folder).st_mode) & 0o2777  # setgid kept: group sharing
+
+
+def _make_folders(folder: str) -> None:
+    """os.makedirs(folder, exist_ok=True), each new folder given its parent's mode."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    mode = _mode_of(folder or ".")
+    for new in reversed(missing):
+        try:
+            os.mkdir(new, mode & 0o777)
+        except FileExistsError:
+            continue  # another thread's, which sets its mode
+        os.chmod(new, mode)  # mkdir's mode passed through the umask
+
+
+def _create_local(path: str) -> BinaryIO:
+    """A new file for writing, with its folder's mode less x (never wider, even briefly)."""
+    mode = _mode_of(os.path.dirname(path) or ".") & 0o666
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb")
+
+
+def make_root(folder: str, permissions: str = DEFAULT_PERMISSIONS) -> None:
+    """Creates local `folder` if needed and sets its mode to `PERMISSIONS[permissions]`: what
+    this module creates under it inherits it. Nothing for a gs:// folder (the bucket's IAM
+    says who reads it)."""
+    if is_gcs(folder):
+        return
+    _make_folders(folder)
+    os.chmod(folder, PERMISSIONS[permissions])
+
+
 def _local_tmp(path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _make_folders(os.path.dirname(path) or ".")
     return f"{path}{TMP_MARK}{uuid.uuid4().hex}"
 
 
@@ -313,7 +363,7 @@ def write_bytes(path: str, data: bytes, *, if_absent: bool = False) -> None:
         return
     tmp = _local_tmp(path)
     try:
-        with open(tmp, "wb") as handle:
+        with _create_local(tmp) as handle:
             handle.write(data)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -330,7 +380,8 @@ class AtomicWriter(io.RawIOBase):
         # GCS: spooled to a local temporary file and uploaded at commit, so that the object
         # appears only then (an upload stream would publish whatever it has when closed).
         self._tmp = None if is_gcs(path) else _local_tmp(path)
-        self._file: BinaryIO = open(self._tmp, "wb") if self._tmp else tempfile.TemporaryFile()
+        self._file: BinaryIO = (_create_local(self._tmp) if self._tmp
+                                else tempfile.TemporaryFile())
 
     def writable(self) -> bool:
         return True
@@ -379,8 +430,8 @@ def copy(pairs: Iterable[tuple[str, str]]) -> None:
     remote = [(s, t) for s, t in pairs if is_gcs(s)]
     for source, target in pairs:
         if not is_gcs(source):
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            shutil.copyfile(source, target)
+            with open(source, "rb") as src, open_write(target) as dst:
+                shutil.copyfileobj(src, dst)
     for start in range(0, len(remote), _BATCH):
         group = remote[start:start + _BATCH]
         with _gcs_errors(group[0][0]), _client(None).batch():

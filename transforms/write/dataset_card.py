@@ -95,6 +95,26 @@ def _split_source(meta: Mapping[str, Any]) -> str:
                if strat.get("reused_indices") else "") + ".")
 
 
+_WHO = {"group": "you and your group", "owner": "you alone", "world": "every local user"}
+
+
+def _access(config: Mapping[str, Any]) -> str:
+    """Who may read the output: the DUA's rule, then the modes a local output was given."""
+    preset = config.get("output_permissions")
+    if preset in storage.PERMISSIONS:
+        folder = storage.PERMISSIONS[preset]
+        local = (f"written with folders {folder:04o} and files {folder & 0o666:04o} "
+                 f"(`output_permissions` {preset}: {_WHO[preset]}), whatever the umask")
+    else:
+        local = "written with the modes its umask gave (not recorded)"
+    return (
+        "Only credentialed PhysioNet users who have signed the data use agreement for "
+        "MIMIC-IV, MIMIC-IV-ED and MIMIC-CXR-JPG may read this output. A local output is "
+        f"{local}; keep its group to such people. On gs:// the bucket's IAM decides: keep it "
+        "private (`run_dataflow.sh`'s preflight refuses a bucket that grants `allUsers` or "
+        "`allAuthenticatedUsers` a role).")
+
+
 def render_card(meta: Mapping[str, Any]) -> str:
     """The card's Markdown for a metadata.json document."""
     config = meta.get("config", {})
@@ -119,6 +139,10 @@ def render_card(meta: Mapping[str, Any]) -> str:
         "# Dataset card: MIMIC chest X-ray + emergency-department multimodal dataset",
         "",
         _DUA,
+        "",
+        "## Who may read it",
+        "",
+        _access(config),
         "",
         "## What this is",
         "",
