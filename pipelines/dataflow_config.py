@@ -692,10 +692,19 @@ def reading_staged_copy(cfg: DataflowConfig) -> DataflowConfig:
     return DataflowConfig(cfg.source, {**cfg.values, **staged, "requester_pays_project": None})
 
 
-def job_config(cfg: DataflowConfig, out: Callable[[str], None] = print) -> DataflowConfig:
+def job_config(cfg: DataflowConfig, out: Callable[[str], None] = print, *,
+               dry_run: bool = False) -> DataflowConfig:
     """The config the job runs with: `cfg`, or its staged copy once `stage_to` holds one
-    (saying so through `out`)."""
-    if cfg["stage_to"] is None or not is_staged(cfg):
+    (saying so through `out`). A `dry_run` without credentials says it could not look and
+    takes `cfg`."""
+    if cfg["stage_to"] is None:
+        return cfg
+    problem = storage.credentials_problem() if dry_run else None
+    if problem:
+        out(f"stage_to not checked: {problem}; the command below reads the roots in the "
+            "config, as if nothing were staged")
+        return cfg
+    if not is_staged(cfg):
         return cfg
     out(f"reading the staged copy: {cfg['stage_to']} holds {stage.MANIFEST_NAME}, so the "
         "three roots and cxr_image_root point under it (no --requester_pays_project)")
@@ -818,7 +827,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.stage:
             if not args.dry_run:
                 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-            run_stage(cfg, views, dry_run=args.dry_run)
+            problem = storage.credentials_problem() if args.dry_run else None
+            if problem:
+                _note(f"staging plan not made: {problem} to list the sources with; the "
+                      "command and estimate below do not need them")
+            else:
+                run_stage(cfg, views, dry_run=args.dry_run)
             if not args.dry_run:
                 print("./run_dataflow.sh (without --stage) now submits the job, reading the "
                       "staged copy")
@@ -826,7 +840,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print("Once staged, ./run_dataflow.sh submits the job reading the copy:")
             job = reading_staged_copy(cfg)
         else:
-            job = job_config(cfg, out=_note)
+            job = job_config(cfg, out=_note, dry_run=args.dry_run)
         command = pipeline_command(
             job, local=args.local,
             limit=DEFAULT_LOCAL_LIMIT if args.limit is None else args.limit,

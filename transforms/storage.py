@@ -115,6 +115,33 @@ def gcs_call_errors() -> tuple[type[Exception], ...]:
     return (GoogleAPICallError, GoogleAuthError)
 
 
+CREDENTIALS_TIMEOUT_S = 3.0
+
+
+def credentials_problem(timeout_s: float = CREDENTIALS_TIMEOUT_S) -> Optional[str]:
+    """Why no GCS call can be made here, in one line; None when one can (credentials found,
+    or an emulator). The lookup is given `timeout_s`: off Google Cloud, google-auth looks for
+    a metadata server (seconds per try, longer where its address is not refused)."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return None
+    found: list[Optional[str]] = []
+
+    def look() -> None:
+        import google.auth
+        from google.auth.exceptions import GoogleAuthError
+
+        try:
+            google.auth.default()
+            found.append(None)
+        except GoogleAuthError as err:
+            found.append(f"no Google credentials ({type(err).__name__})")
+
+    thread = threading.Thread(target=look, daemon=True)  # left behind if it overruns
+    thread.start()
+    thread.join(timeout_s)
+    return found[0] if found else f"no Google credentials found within {timeout_s:g} s"
+
+
 def error_line(err: Exception) -> str:
     """One line of a storage error: its class and the first line of its message."""
     return f"{type(err).__name__}: {err}".splitlines()[0][:300]
