@@ -239,6 +239,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         return None
     result.wait_until_finish()
     elapsed = time.monotonic() - started
+    if storage.retry_summary():  # this process's calls (the DirectRunner's threads)
+        logging.info(storage.retry_summary())
     if cfg.compute_indices_only:
         print(f"wrote {storage.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
         print(counters_text(result))
