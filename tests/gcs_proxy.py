@@ -128,7 +128,6 @@ class CountingProxy:
         self._latency_s = latency_s
         self._bytes_per_s = bytes_per_s
         self.faults = faults
-        self._random = random.Random(faults.seed if faults else 0)
         self.injected: collections.Counter = collections.Counter()
         self.requests: list[Request] = []
         self.events: list[tuple[str, str]] = []  # ("request" | "response", path)
@@ -155,6 +154,16 @@ class CountingProxy:
         status = conn.getresponse().status
         conn.close()
         return status == 200
+
+    @property
+    def faults(self) -> Faults | None:
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults | None) -> None:
+        """Faults from now on (None: none), drawn afresh from their seed."""
+        self._faults = faults
+        self._random = random.Random(faults.seed if faults else 0)
 
     def _fault(self, target: str, body: bytes) -> str | None:
         """The fault this request gets: "403", "404", one of TRANSIENT, or None."""

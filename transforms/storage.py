@@ -270,6 +270,8 @@ def _gcs_errors(path: str) -> Iterator[None]:
     try:
         yield
     except gcs.NotFound as err:
+        if "bucket" in (err.message or "").lower():  # GCS: "The specified bucket does not exist."
+            raise FileNotFoundError(f"no such bucket: {path}") from err
         raise FileNotFoundError(f"no such object: {path}") from err
     except gcs.PreconditionFailed as err:
         raise FileExistsError(f"object exists: {path}") from err
