@@ -24,7 +24,7 @@ from pipelines import cli
 from pipelines.local_runner import apply_runner_defaults, is_local
 from pipelines.malloc import limit_malloc_arenas
 from pipelines.config import DatasetConfig, DatasetOptions, config_from_options
-from transforms.write import dataset_card
+from transforms.write import dataset_card, provenance
 from transforms.join import schema
 from transforms import storage
 from transforms.join.cohort import JOIN_TABLES, RECORDS_TAG, JoinCohort
@@ -37,7 +37,7 @@ from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG, SAMPLES_TAG, sample
 from transforms.write.spill import REFS_TAG
 from transforms.splits import INDICES_NAME, OFFICIAL, SplitAssignment, SplitPatients
 from transforms.splits import WriteIndices, read_indices
-from transforms.join.tables import ReadTables, check_image_root, check_tables
+from transforms.join.tables import ReadTables, check_image_root, check_tables, table_path
 from transforms.write.metadata import WriteMetadata, check_output_dir
 from transforms.write.spill import SpillSamples
 from transforms.write.write_chunks import WriteChunks
@@ -139,6 +139,12 @@ def build_pipeline(
         cfg.output_dir, cfg.summary(), image_size=cfg.image_size,
         report_examples=cfg.report_examples, tables=JOIN_TABLES,
         max_failed_fraction=cfg.max_failed_fraction,
+        provenance=provenance.collect(
+            cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer,
+            tables=provenance.input_tables(
+                {name: table_path(schema.TABLES[name], input_roots(cfg))
+                 for name in schema.INPUT_TABLES + split_tables(cfg)},
+                cfg.requester_pays_project)),
     )
 
 

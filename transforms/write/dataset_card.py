@@ -115,6 +115,24 @@ def _access(config: Mapping[str, Any]) -> str:
         "`allAuthenticatedUsers` a role).")
 
 
+def _inputs(provenance: Mapping[str, Any]) -> list[str]:
+    """The card's lines on the tables read (`provenance["inputs"]`), if recorded."""
+    inputs = provenance.get("inputs") or {}
+    tables = inputs.get("tables") or {}
+    if not tables:
+        return []
+    rows = [(name, f"`{t['path']}`", t["bytes"],
+             ", ".join(f"{k} {t[k]}" for k in ("sha256", "crc32c", "md5") if t.get(k)))
+            for name, t in sorted(tables.items())]
+    lines = ["", "Inputs read (checksums from GCS's object metadata, or sha256 of the local "
+             "file):", "", _table(("table", "path", "bytes", "checksum"), rows)]
+    images = inputs.get("images")
+    if images:
+        lines += ["", f"Images: {images['images']}, sha256 of their sorted relative paths "
+                  f"{images['sha256']}."]
+    return lines
+
+
 def render_card(meta: Mapping[str, Any]) -> str:
     """The card's Markdown for a metadata.json document."""
     config = meta.get("config", {})
@@ -185,7 +203,9 @@ def render_card(meta: Mapping[str, Any]) -> str:
         "",
         f"Chunk format version {meta.get('format_version')}. Report: {report_line}.",
         "",
-        _table(("provenance", "value"), sorted(provenance.items())),
+        _table(("provenance", "value"),
+               sorted((k, v) for k, v in provenance.items() if k != "inputs")),
+        *_inputs(provenance),
         "",
         _table(("package", "version"), sorted(meta.get("versions", {}).items())),
         "",
