@@ -145,6 +145,36 @@ def test_staging_under_faults_writes_the_same_manifest(
             in done.stderr), done.stderr
 
 
+def test_an_if_absent_upload_whose_answer_was_lost_is_not_taken_for_anothers(
+        proxy: CountingProxy, gcs_emulator: str) -> None:
+    # Seed 92 at rate 0.5: the first request is cut, the next five pass.
+    cut_first = Faults(rate=0.5, seed=92, kinds=("cut",))
+    mine, theirs = (f"{gcs_emulator}/faults-once/{n}" for n in ("mine", "theirs"))
+    proxy.faults = cut_first
+    storage.write_bytes(mine, b"ours", if_absent=True)  # landed, answer cut, retried: 412
+    assert proxy.injected == {"cut": 1} and storage.read_bytes(mine) == b"ours"
+    proxy.faults = None
+    storage.write_bytes(theirs, b"someone else's")
+    proxy.faults = cut_first
+    with pytest.raises(FileExistsError, match="faults-once/theirs"):
+        storage.write_bytes(theirs, b"ours", if_absent=True)
+
+
+def test_retries_are_bounded(proxy: CountingProxy, gcs_emulator: str, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "RETRY_INITIAL_S", 0.01)
+    monkeypatch.setattr(storage, "RETRY_MAX_S", 0.02)
+    path = f"{gcs_emulator}/faults-bounded/file"
+    storage.write_bytes(path, b"x")
+    proxy.reset()
+    before = _retries()
+    proxy.faults = Faults(rate=1.0, kinds=("503",))  # down for good
+    with pytest.raises(OSError, match="faults-bounded/file: ServiceUnavailable") as caught:
+        storage.read_bytes(path)
+    assert "\n" not in str(caught.value)
+    assert len(proxy.requests) == storage.RETRY_ATTEMPTS
+    assert _retries() - before == storage.RETRY_ATTEMPTS - 1
+
+
 # ----------------------------------------------------------------------------- permanent
 def _fails_fast(call, error: type[Exception], match: str) -> str:
     before, started = _retries(), time.monotonic()
