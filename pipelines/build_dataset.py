@@ -36,7 +36,7 @@ from transforms.ledger import LEDGER_TAG, ConservationError, SumLedger
 from transforms.records import DEAD_LETTER_TAG, DROPPED_TAG
 from transforms.splits import INDICES_NAME, OFFICIAL, SplitAssignment, SplitPatients
 from transforms.splits import WriteIndices, read_indices
-from transforms.join.tables import ReadTables, check_image_root, check_tables
+from transforms.join.tables import ReadTables, check_image_root, check_tables, table_path
 from transforms.write.metadata import WriteMetadata, check_output_dir
 from transforms.write import provenance as provenance_of
 from transforms.write.groups import GROUPS_TAG, REFS_TAG, REUSED, PreprocessGroups
@@ -130,6 +130,7 @@ def build_pipeline(
         "dead_letters": dead_letters,
         "dropped": cohort[DROPPED_TAG],
         "ledger": ledger,
+        "images": written[GROUPS_TAG] | "GroupImages" >> beam.Map(lambda g: g.images),
     } | "WriteMetadata" >> WriteMetadata(
         cfg.output_dir, cfg.summary(), image_size=cfg.image_size,
         report_examples=cfg.report_examples, tables=JOIN_TABLES,
@@ -138,8 +139,13 @@ def build_pipeline(
 
 
 def collect_provenance(cfg: DatasetConfig) -> dict:
-    """metadata.json's versions and digests for cfg's text settings (reads the model once)."""
-    return provenance_of.collect(cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer)
+    """metadata.json's versions and digests: cfg's text settings (reads the model once) and
+    every input table read (path, bytes, checksum)."""
+    tables = {name: table_path(schema.TABLES[name], input_roots(cfg))
+              for name in schema.INPUT_TABLES + split_tables(cfg)}
+    return provenance_of.collect(
+        cfg.embedding_model, cfg.knowledge_base, cfg.tokenizer,
+        tables=provenance_of.input_tables(tables, cfg.requester_pays_project))
 
 
 def image_root(cfg: DatasetConfig) -> str:
@@ -232,6 +238,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         check_output_dir(cfg.output_dir, cfg.overwrite,
                          run_fingerprint(cfg.summary(), provenance))
 
+    storage.make_root(cfg.output_dir, cfg.output_permissions)  # what the run writes inherits it
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, cfg, indices, provenance)
@@ -241,6 +248,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         return None
     result.wait_until_finish()
     elapsed = time.monotonic() - started
+    if storage.retry_summary():  # this process's calls (the DirectRunner's threads)
+        logging.info(storage.retry_summary())
     if cfg.compute_indices_only:
         print(f"wrote {storage.join(cfg.output_dir, INDICES_NAME)} in {elapsed:.1f} s")
         print(counters_text(result))

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms import storage
 from transforms.errors import InputError
 from transforms.text.knowledge import DEFAULT_TOP_K
 from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION
@@ -206,6 +207,11 @@ SETTINGS: tuple[Setting, ...] = (
             "metadata.json, naming the top reason.", _OUTPUT, minimum=0, maximum=1),
     Setting("overwrite", bool, False, "Replace an existing complete output instead of "
             "stopping.", _OUTPUT, recorded=False),
+    Setting("output_permissions", str, storage.DEFAULT_PERMISSIONS, "Who may read a local "
+            "output (the data is credentialed): group, folders 0750 and files 0640 (you and "
+            "your group); owner, 0700 and 0600; world, 0755 and 0644. Set on everything the "
+            "run writes under output_dir, whatever the umask; a gs:// output is governed by "
+            "the bucket's IAM instead.", _OUTPUT, choices=tuple(storage.PERMISSIONS), key=True),
     Setting("report_examples", int, 0, "Example records per split shown in report.html (image "
             "thumbnail and the first 300 characters of the note). These are patient data from "
             "credentialed PhysioNet datasets: share such a report only under the data use "

@@ -185,18 +185,27 @@ _WORKERS = (
               "[\"no_use_multiple_sdk_containers\"] for one SDK process (one model copy) per "
               "worker instead of one per vCPU. Each becomes --experiments=NAME.", flag=None),
 )
+_ALLOW_PUBLIC = _dataflow(
+    preflight.ALLOW_PUBLIC, bool, False, "true: submit even when a bucket the job reads or "
+    "writes (output_dir, temp_location, the staged copy) grants allUsers or "
+    "allAuthenticatedUsers access without public access prevention, i.e. publishes "
+    "credentialed PhysioNet data; the preflight refuses such a bucket otherwise. Also "
+    f"--{preflight.ALLOW_PUBLIC} on the command line.", flag=None, dataflow_only=False)
 _EXTRA_FLAGS = _dataflow(
     "extra_flags", list, [], "More pipeline flags, e.g. [\"--aggressive_filtering\", "
     "\"--views\", \"AP,PA\"].", flag=None, dataflow_only=False)
 
 # Every key of dataflow_config.json, in the example's order.
-KEYS: tuple[Setting, ...] = (*_JOB, *(s for s in SETTINGS if s.key), *_WORKERS, _EXTRA_FLAGS)
+KEYS: tuple[Setting, ...] = (*_JOB, *(s for s in SETTINGS if s.key), *_WORKERS, _ALLOW_PUBLIC,
+                             _EXTRA_FLAGS)
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 # Keys that are `--NAME VALUE` flags of the pipeline or of Beam.
 FLAG_KEYS = tuple(key for key in KEYS if key.flag is not None)
 # Keys a command-line `--NAME VALUE` sets, replacing the config's value before validation: the
-# flags, and the launcher's own single values (`--stage_to gs://...`, `--bucket NAME`).
-OVERRIDE_KEYS = tuple(key for key in KEYS if key.flag is not None or key.kind is str)
+# flags, and the launcher's own single values (`--stage_to gs://...`, `--bucket NAME`) and
+# switches (`--allow_public_output`, off unless given).
+OVERRIDE_KEYS = tuple(key for key in KEYS if key.flag is not None or key.kind is str
+                      or (key.kind is bool and key.default is False))
 # The example's stand-ins for the user's own values (a project id, a bucket name), as a word
 # anywhere in a value: a config still naming one was copied and not edited.
 PLACEHOLDERS = tuple(sorted({
@@ -421,7 +430,10 @@ def split_overrides(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """
     parser = _OverrideParser(allow_abbrev=False, add_help=False)
     for key in OVERRIDE_KEYS:
-        parser.add_argument(f"--{key.name}", type=key.kind, default=None)
+        if key.kind is bool and key.flag is None:
+            parser.add_argument(f"--{key.name}", action="store_const", const=True, default=None)
+        else:
+            parser.add_argument(f"--{key.name}", type=key.kind, default=None)
     parsed, rest = parser.parse_known_args(list(args))
     overrides = {name: value for name, value in vars(parsed).items() if value is not None}
     for name, value in overrides.items():
@@ -699,10 +711,19 @@ def reading_staged_copy(cfg: DataflowConfig) -> DataflowConfig:
     return DataflowConfig(cfg.source, {**cfg.values, **staged, "requester_pays_project": None})
 
 
-def job_config(cfg: DataflowConfig, out: Callable[[str], None] = print) -> DataflowConfig:
+def job_config(cfg: DataflowConfig, out: Callable[[str], None] = print, *,
+               dry_run: bool = False) -> DataflowConfig:
     """The config the job runs with: `cfg`, or its staged copy once `stage_to` holds one
-    (saying so through `out`)."""
-    if cfg["stage_to"] is None or not is_staged(cfg):
+    (saying so through `out`). A `dry_run` without credentials says it could not look and
+    takes `cfg`."""
+    if cfg["stage_to"] is None:
+        return cfg
+    problem = storage.credentials_problem() if dry_run else None
+    if problem:
+        out(f"stage_to not checked: {problem}; the command below reads the roots in the "
+            "config, as if nothing were staged")
+        return cfg
+    if not is_staged(cfg):
         return cfg
     out(f"reading the staged copy: {cfg['stage_to']} holds {stage.MANIFEST_NAME}, so the "
         "three roots and cxr_image_root point under it (no --requester_pays_project)")
@@ -736,7 +757,7 @@ def check_before_submission(job: DataflowConfig, views: Sequence[str],
     findings = preflight.run_preflight(
         roots=_roots(job), output_dir=job["output_dir"], temp_location=job["temp_location"],
         region=job["region"], image_root=job["cxr_image_root"], views=views,
-        user_project=job["requester_pays_project"])
+        user_project=job["requester_pays_project"], allow_public=job[preflight.ALLOW_PUBLIC])
     for finding in findings:
         out(f"preflight: {finding}")
     if preflight.has_errors(findings):
@@ -825,7 +846,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.stage:
             if not args.dry_run:
                 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-            run_stage(cfg, views, dry_run=args.dry_run)
+            problem = storage.credentials_problem() if args.dry_run else None
+            if problem:
+                _note(f"staging plan not made: {problem} to list the sources with; the "
+                      "command and estimate below do not need them")
+            else:
+                run_stage(cfg, views, dry_run=args.dry_run)
             if not args.dry_run:
                 print("./run_dataflow.sh (without --stage) now submits the job, reading the "
                       "staged copy")
@@ -833,7 +859,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print("Once staged, ./run_dataflow.sh submits the job reading the copy:")
             job = reading_staged_copy(cfg)
         else:
-            job = job_config(cfg, out=_note)
+            job = job_config(cfg, out=_note, dry_run=args.dry_run)
         command = pipeline_command(
             job, local=args.local,
             limit=DEFAULT_LOCAL_LIMIT if args.limit is None else args.limit,

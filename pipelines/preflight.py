@@ -10,7 +10,13 @@ paid even by a job that fails on its first read):
   own checks);
 - `output_dir` and `temp_location` are writable (a probe object is written and deleted);
 - each bucket's location holds the job's region, or a warning: reads and writes across
-  locations are billed per GB as data transfer, and slower.
+  locations are billed per GB as data transfer, and slower;
+- no bucket of the user's that the job reads or writes (the staged copy, output_dir,
+  temp_location) is open to the public: an error where its IAM policy, its ACL or its default
+  object ACL names `allUsers` or `allAuthenticatedUsers` and public access prevention is not
+  enforced (the output is credentialed data), unless `allow_public_output`; `public_access`
+  decides on the JSON bodies GCS returns, so it is tested on documented bodies (the emulator
+  keeps no IAM policy). The ACLs of single objects are not read.
 
 `run_preflight` returns the findings, each one line; the caller prints them and stops on an
 error. The write probe runs with the user's credentials: the workers' service account needs
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from transforms import storage
 from transforms.errors import InputError
@@ -88,6 +94,66 @@ def location_holds(location: str, region: str, data_locations: Iterable[str] = (
 
 
 
+PUBLIC_MEMBERS = ("allUsers", "allAuthenticatedUsers")
+ALLOW_PUBLIC = "allow_public_output"  # the launcher key (and flag) that accepts the risk
+
+
+def public_grants(resource: Mapping[str, Any], policy: Optional[Mapping[str, Any]]
+                  ) -> list[str]:
+    """Who the public may be, as "MEMBER ROLE (where)", from a bucket resource (projection
+    full: `acl`, `defaultObjectAcl`, `iamConfiguration`) and its getIamPolicy body
+    (`{"bindings": [{"role", "members"}]}`); none when public access prevention is enforced,
+    which overrides both."""
+    iam = resource.get("iamConfiguration") or {}
+    if iam.get("publicAccessPrevention") == "enforced":
+        return []
+    grants = [f"{member} {binding.get('role')} (IAM policy)"
+              for binding in (policy or {}).get("bindings", [])
+              for member in binding.get("members", []) if member in PUBLIC_MEMBERS]
+    if not (iam.get("uniformBucketLevelAccess") or {}).get("enabled"):  # ACLs still apply
+        for field, where in (("acl", "bucket ACL"), ("defaultObjectAcl", "default object ACL")):
+            grants += [f"{entry.get('entity')} {entry.get('role')} ({where})"
+                       for entry in resource.get(field) or ()
+                       if entry.get("entity") in PUBLIC_MEMBERS]
+    return grants
+
+
+def public_access(bucket: str, keys: Iterable[str], resource: Mapping[str, Any],
+                  policy: Optional[Mapping[str, Any]], allow_public: bool = False
+                  ) -> Optional[Finding]:
+    """An error (a warning with `allow_public`) when bucket `bucket`, used for `keys`, is open
+    to the public (`public_grants`)."""
+    grants = public_grants(resource, policy)
+    if not grants:
+        return None
+    state = (resource.get("iamConfiguration") or {}).get("publicAccessPrevention", "unset")
+    head = (f"gs://{bucket} ({', '.join(keys)}) is open to the public: "
+            f"{'; '.join(grants)}; publicAccessPrevention {state}")
+    if allow_public:
+        return Finding(WARNING, f"{head}; submitted anyway ({ALLOW_PUBLIC})")
+    return Finding(ERROR, f"{head}: anyone could read credentialed PhysioNet data there; "
+                   f"remove those grants or run `gcloud storage buckets update gs://{bucket} "
+                   f"--public-access-prevention`, or set {ALLOW_PUBLIC} to accept the risk")
+
+
+def check_public_access(bucket: str, keys: list[str], allow_public: bool = False
+                        ) -> Optional[Finding]:
+    """`public_access` of bucket `bucket` as GCS describes it; a warning if it cannot be read
+    (getIamPolicy needs storage.buckets.getIamPolicy, which objectAdmin lacks)."""
+    try:
+        handle = storage.gcs_bucket(bucket)
+        handle.reload(projection="full")
+        resource = {"iamConfiguration": dict(handle.iam_configuration),
+                    "acl": handle._properties.get("acl", []),  # as GCS sent them
+                    "defaultObjectAcl": handle._properties.get("defaultObjectAcl", [])}
+        enforced = handle.iam_configuration.public_access_prevention == "enforced"
+        policy = None if enforced else handle.get_iam_policy().to_api_repr()
+    except storage.gcs_call_errors() as err:
+        return Finding(WARNING, f"cannot read who may read gs://{bucket} ({', '.join(keys)}): "
+                       f"{storage.error_line(err)}; public access not checked")
+    return public_access(bucket, keys, resource, policy, allow_public)
+
+
 def check_writable(key: str, uri: str) -> Optional[Finding]:
     """Writes and deletes a probe object under `uri`; a Finding if that is refused."""
     bucket = bucket_of(uri)
@@ -136,6 +202,7 @@ def run_preflight(
     views: Iterable[str] = ("AP", "PA"),
     user_project: Optional[str] = None,
     image_sample: int = IMAGE_SAMPLE,
+    allow_public: bool = False,
 ) -> list[Finding]:
     """Every check of the module docstring; returns the findings in that order.
 
@@ -148,6 +215,7 @@ def run_preflight(
         views: the job's frontal views (for the image sample).
         user_project: the job's requester_pays_project (billed for the input checks).
         image_sample: frontal images checked under the image root.
+        allow_public: a bucket open to the public is a warning, not an error.
     """
     views = tuple(views)
     image_root = image_root or roots[schema.MIMIC_CXR]
@@ -174,12 +242,14 @@ def run_preflight(
     if temp_location:
         places["temp_location"] = temp_location
     findings += [f for f in (check_writable(k, uri) for k, uri in places.items()) if f]
+    used: dict[str, list[str]] = {}  # the user's own buckets
+    for key, uri in {**inputs, **places}.items():
+        bucket = bucket_of(uri)
+        if bucket and bucket not in physionet:
+            used.setdefault(bucket, []).append(key)
+    findings += [f for f in (check_public_access(b, keys, allow_public)
+                             for b, keys in used.items()) if f]
     if region:
-        used: dict[str, list[str]] = {}
-        for key, uri in {**inputs, **places}.items():
-            bucket = bucket_of(uri)
-            if bucket and bucket not in physionet:
-                used.setdefault(bucket, []).append(key)
         for bucket, keys in used.items():
             finding = check_location(bucket, keys, region,
                                      user_project if set(keys) & set(inputs) else None)

@@ -331,8 +331,7 @@ def list_objects(
     bucket, prefix = split_gs(prefix_uri)
     found, listed = {}, 0
     try:
-        handle = storage.gcs_bucket(bucket, user_project)
-        for blob in handle.client.list_blobs(handle, prefix=prefix):
+        for blob in storage.gcs_list(bucket, prefix, user_project=user_project):
             listed += 1
             uri = f"gs://{bucket}/{blob.name}"
             if keep is None or uri in keep:
@@ -392,7 +391,8 @@ def make_plan(
 def _object_info(uri: str, user_project: Optional[str]) -> Optional[ObjectInfo]:
     bucket, name = split_gs(uri)
     try:
-        blob = storage.gcs_bucket(bucket, user_project).get_blob(name)
+        handle = storage.gcs_bucket(bucket, user_project)
+        blob = storage.retried("read", lambda: handle.get_blob(name, retry=None))
     except storage.gcs_call_errors() as err:
         raise InputError(f"cannot read {uri}: {storage.error_line(err)}") from err
     return None if blob is None else _info(blob)
@@ -441,8 +441,6 @@ def rewrite_object(item: StageObject, user_project: Optional[str]) -> None:
         google.api_core.exceptions.GoogleAPICallError: the copy was refused or failed.
         StageError: the copy's crc32c is not the listed one (the source changed).
     """
-    from google.api_core.retry import Retry
-
     source_bucket, source_name = split_gs(item.source)
     dest_bucket, dest_name = split_gs(item.dest)
     source = storage.gcs_bucket(source_bucket, user_project).blob(source_name)
@@ -452,7 +450,8 @@ def rewrite_object(item: StageObject, user_project: Optional[str]) -> None:
     while True:
         # Rewriting the same source into the same name is idempotent, so transient errors
         # are retried (the client retries a rewrite only with a generation precondition).
-        token, _, _ = dest.rewrite(source, token=token, retry=Retry())
+        token, _, _ = storage.retried(
+            "copy", lambda token=token: dest.rewrite(source, token=token, retry=None))
         if token is None:
             break
     if dest.crc32c != item.crc32c:
@@ -547,11 +546,12 @@ def write_manifest(data: bytes, stage_to: str, user_project: Optional[str]) -> b
         Whether it was written.
     """
     bucket, prefix = split_gs(stage_to.rstrip("/") + "/" + MANIFEST_NAME)
-    blob = storage.gcs_bucket(bucket, user_project).get_blob(prefix)
+    handle = storage.gcs_bucket(bucket, user_project)
+    blob = storage.retried("read", lambda: handle.get_blob(prefix, retry=None))
     if blob is not None and _info(blob) == ObjectInfo(len(data), crc32c_base64(data)):
         return False
-    storage.gcs_bucket(bucket, user_project).blob(prefix).upload_from_string(
-        data, content_type="application/json")
+    storage.retried("upload", lambda: handle.blob(prefix).upload_from_string(
+        data, content_type="application/json", retry=None))
     return True
 
 
@@ -633,6 +633,9 @@ def run_stage(
         + ("" if written else " (unchanged)"))
     out("the job reads the staged copy with:\n" + "\n".join(
         f"  {key}: {value}" for key, value in staged.items()))
+    retries = storage.retry_summary()
+    if retries:
+        logging.info(retries)
     return StageReport(plan, est, len(plan.to_copy), plan.copy_bytes, written, staged)
 
 

@@ -155,7 +155,9 @@ def test_every_key_becomes_the_flag_of_the_same_meaning() -> None:
     assert parsed["temp_location"] == "gs://mimic-lab-data/dataflow/temp"
     assert parsed["aggressive_filtering"] is True
     assert {k.name for k in dc.KEYS if k.flag is None} == {
-        "bucket", "stage_to", "use_public_ips", "experiments", "extra_flags"}
+        "bucket", "stage_to", "use_public_ips", "experiments", "extra_flags",
+        "allow_public_output"}  # the preflight's, never the job's
+    assert not any("allow_public" in arg for arg in dc.pipeline_command(cfg))
 
 
 def _script(*args: str) -> subprocess.CompletedProcess:

@@ -105,8 +105,11 @@ def test_each_problem_is_one_line(buckets):
     assert preflight.has_errors(findings)
     # The missing bucket's location cannot be read: said, not fatal.
     warnings = [f.message for f in findings if f.level == WARNING]
-    assert warnings == [f for f in warnings if "cannot read the location of gs://no-such-bucket"
-                        in f]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert warnings[0].startswith("cannot read who may read gs://no-such-bucket (output_dir): "
+                                  "NotFound")
+    assert "public access not checked" in warnings[0]
+    assert "cannot read the location of gs://no-such-bucket" in warnings[1]
 
 
 def test_inputs_on_physionet_say_to_stage_them(buckets):
@@ -134,3 +137,95 @@ def test_a_bucket_outside_the_region_is_a_warning_with_its_cost(buckets):
         "us-central1: ")
     assert "billed per GB as data transfer" in findings[0].message
     assert not preflight.has_errors(findings)
+
+
+# ----------------------------------------------------------------------------- public access
+# Bodies as GCS documents them: the bucket resource (projection=full) and getIamPolicy's.
+_PRIVATE = {"iamConfiguration": {"uniformBucketLevelAccess": {"enabled": True},
+                                 "publicAccessPrevention": "inherited"}}
+_FINE_GRAINED = {"iamConfiguration": {"uniformBucketLevelAccess": {"enabled": False},
+                                      "publicAccessPrevention": "inherited"},
+                 "acl": [{"entity": "project-owners-123", "role": "OWNER"}],
+                 "defaultObjectAcl": [{"entity": "project-owners-123", "role": "OWNER"}]}
+_ENFORCED = {"iamConfiguration": {"uniformBucketLevelAccess": {"enabled": True},
+                                  "publicAccessPrevention": "enforced"}}
+_TEAM = {"bindings": [{"role": "roles/storage.objectAdmin",
+                       "members": ["user:me@example.org", "group:mimic@example.org"]}]}
+
+
+def _with(policy: dict, member: str, role: str = "roles/storage.objectViewer") -> dict:
+    return {"bindings": [*policy["bindings"], {"role": role, "members": [member]}]}
+
+
+@pytest.mark.parametrize("resource, policy, grants", [
+    (_PRIVATE, _TEAM, []),
+    (_PRIVATE, {"version": 1, "etag": "CAE="}, []),  # no bindings at all
+    (_PRIVATE, _with(_TEAM, "allUsers"), ["allUsers roles/storage.objectViewer (IAM policy)"]),
+    (_PRIVATE, _with(_TEAM, "allAuthenticatedUsers", "roles/storage.legacyBucketReader"),
+     ["allAuthenticatedUsers roles/storage.legacyBucketReader (IAM policy)"]),
+    # Enforced prevention overrides any public grant.
+    (_ENFORCED, _with(_TEAM, "allUsers"), []),
+    (_FINE_GRAINED, _TEAM, []),
+    ({**_FINE_GRAINED, "defaultObjectAcl": [{"entity": "allUsers", "role": "READER"}]}, _TEAM,
+     ["allUsers READER (default object ACL)"]),
+    ({**_FINE_GRAINED, "acl": [{"entity": "allAuthenticatedUsers", "role": "READER"}]}, _TEAM,
+     ["allAuthenticatedUsers READER (bucket ACL)"]),
+    # With uniform bucket-level access, ACLs no longer apply.
+    ({**_PRIVATE, "defaultObjectAcl": [{"entity": "allUsers", "role": "READER"}]}, _TEAM, []),
+    # A policy that could not be read (None): the ACLs are still judged.
+    ({**_FINE_GRAINED, "acl": [{"entity": "allUsers", "role": "READER"}]}, None,
+     ["allUsers READER (bucket ACL)"]),
+])
+def test_public_grants(resource, policy, grants):
+    assert preflight.public_grants(resource, policy) == grants
+
+
+def test_a_public_bucket_is_an_error_unless_the_risk_is_accepted():
+    policy = _with(_TEAM, "allUsers")
+    refused = preflight.public_access("lab", ["output_dir"], _PRIVATE, policy)
+    assert refused.level == ERROR and "\n" not in refused.message
+    assert refused.message.startswith("gs://lab (output_dir) is open to the public: allUsers "
+                                      "roles/storage.objectViewer (IAM policy); "
+                                      "publicAccessPrevention inherited: ")
+    assert preflight.ALLOW_PUBLIC in refused.message
+    accepted = preflight.public_access("lab", ["output_dir"], _PRIVATE, policy,
+                                       allow_public=True)
+    assert accepted.level == WARNING and accepted.message.endswith(
+        f"submitted anyway ({preflight.ALLOW_PUBLIC})")
+    assert preflight.public_access("lab", ["output_dir"], _PRIVATE, _TEAM) is None
+
+
+def _patch_bucket(bucket: str, body: dict) -> None:
+    request = urllib.request.Request(
+        f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}",
+        data=json.dumps(body).encode(), method="PATCH",
+        headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def test_an_output_bucket_whose_new_objects_are_public_stops_the_submission(buckets):
+    public = "preflight-public"
+    if _client().lookup_bucket(public) is None:
+        _client().create_bucket(public)
+    _patch_bucket(public, {"defaultObjectAcl": [{"entity": "allUsers", "role": "READER"}]})
+    kwargs = dict(roots=_roots(buckets["mine"]), output_dir=f"gs://{public}/dataset",
+                  temp_location=f"gs://{OUTPUTS}/temp", region=None)
+    findings = preflight.run_preflight(**kwargs)
+    assert [str(f) for f in findings] == [
+        f"error: gs://{public} (output_dir) is open to the public: allUsers READER (default "
+        "object ACL); publicAccessPrevention inherited: anyone could read credentialed "
+        f"PhysioNet data there; remove those grants or run `gcloud storage buckets update "
+        f"gs://{public} --public-access-prevention`, or set allow_public_output to accept "
+        "the risk"]
+    assert [f.level for f in preflight.run_preflight(**kwargs, allow_public=True)] == [WARNING]
+    _patch_bucket(public, {"iamConfiguration": {"publicAccessPrevention": "enforced"}})
+    assert preflight.run_preflight(**kwargs) == []
+
+
+def test_the_risk_is_accepted_by_the_config_key_or_its_flag(tmp_path):
+    from pipelines import dataflow_config as dc
+
+    overrides, rest = dc.split_overrides(["--allow_public_output", "--views", "AP"])
+    assert overrides == {preflight.ALLOW_PUBLIC: True} and rest == ["--views", "AP"]
+    assert dc.split_overrides(["--views", "AP"])[0] == {}
+    assert dc.KEYS_BY_NAME[preflight.ALLOW_PUBLIC].default is False

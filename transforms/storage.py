@@ -14,27 +14,53 @@ across fork. `user_project` bills a requester-pays bucket (PhysioNet's) on the b
 Clients honour STORAGE_EMULATOR_HOST. GCS errors come out as OSErrors naming the path: a
 missing object as FileNotFoundError, a refused one as PermissionError, an object that exists
 against `if_absent` as FileExistsError.
+
+Transient GCS faults (429, 5xx, a connection reset or a response cut short) are retried here,
+by one policy (`retried`: exponential backoff with jitter, Retry-After honoured, at most
+`RETRY_ATTEMPTS` tries), for every call: reads, ranged reads, uploads, listings, deletes and
+copies. google-cloud-storage retries only calls it deems idempotent (not an unconditional
+upload, a copy or a batch), and its own loops are not counted, so it is given `retry=None`.
+Our writes are idempotent: the same bytes to the same name. Each retry is counted
+(`retry_counts`, `retry_summary`); a permanent error (403, 404, ...) is raised at once.
+
+Local modes: a file this module creates gets its folder's mode without the execute bits, a
+folder its parent's mode, whatever the process umask (the way a folder's default ACL works),
+so an output is exactly as open as its root folder, which `make_root` sets
+(`--output_permissions`: owner and group only by default; the data is credentialed).
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import contextlib
 import gzip
+import hashlib
 import io
+import logging
 import os
 import posixpath
+import random
 import re
 import shutil
+import stat
 import tempfile
 import threading
+import time
 import uuid
-from typing import Any, BinaryIO, Iterable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, TypeVar
 
 GCS_PREFIX = "gs://"
 TMP_MARK = ".tmp-"  # in the name of a local write not published yet
 _BATCH = 100  # calls per GCS batch request (the documented limit)
+_RANGE = 16 << 20  # bytes per request of a streaming read's readall()
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _THREAD = threading.local()
+_LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+# Who may read a local output (--output_permissions): its folders' mode; files drop the x bits.
+PERMISSIONS = {"group": 0o750, "owner": 0o700, "world": 0o755}
+DEFAULT_PERMISSIONS = "group"
 
 
 def is_gcs(path: str) -> bool:
@@ -92,6 +118,29 @@ def gcs_bucket(name: str, user_project: Optional[str] = None) -> Any:
     return _client(user_project).bucket(name, user_project=user_project)
 
 
+def gcs_list(bucket: str, prefix: str = "", *, delimiter: Optional[str] = None,
+             user_project: Optional[str] = None) -> Iterator[Any]:
+    """The blobs under `prefix` in bucket `bucket`, a page at a time, each page retried on
+    its own (`retried`): a fault on page 400 of a large listing repeats that page only.
+
+    Raises:
+        google.api_core.exceptions.GoogleAPICallError: a permanent error (the raw cause, for
+            the launcher; `list_files` maps it to an OSError).
+    """
+    handle = gcs_bucket(bucket, user_project)
+    token: Optional[str] = None
+    while True:
+        def page(token: Optional[str] = token) -> tuple[list[Any], Optional[str]]:
+            found = handle.client.list_blobs(handle, prefix=prefix, delimiter=delimiter,
+                                             page_token=token, retry=None)
+            return list(next(found.pages)), found.next_page_token
+
+        blobs, token = retried("list", page)
+        yield from blobs
+        if token is None:
+            return
+
+
 def _blob(uri: str, user_project: Optional[str] = None) -> Any:
     bucket, name = split_gcs(uri)
     return gcs_bucket(bucket, user_project).blob(name)
@@ -104,6 +153,108 @@ def gcs_call_errors() -> tuple[type[Exception], ...]:
     from google.auth.exceptions import GoogleAuthError
 
     return (GoogleAPICallError, GoogleAuthError)
+
+
+CREDENTIALS_TIMEOUT_S = 3.0
+
+
+def credentials_problem(timeout_s: float = CREDENTIALS_TIMEOUT_S) -> Optional[str]:
+    """Why no GCS call can be made here, in one line; None when one can (credentials found,
+    or an emulator). The lookup is given `timeout_s`: off Google Cloud, google-auth looks for
+    a metadata server (seconds per try, longer where its address is not refused)."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return None
+    found: list[Optional[str]] = []
+
+    def look() -> None:
+        import google.auth
+        from google.auth.exceptions import GoogleAuthError
+
+        try:
+            google.auth.default()
+            found.append(None)
+        except GoogleAuthError as err:
+            found.append(f"no Google credentials ({type(err).__name__})")
+
+    thread = threading.Thread(target=look, daemon=True)  # left behind if it overruns
+    thread.start()
+    thread.join(timeout_s)
+    return found[0] if found else f"no Google credentials found within {timeout_s:g} s"
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+RETRY_ATTEMPTS = 8  # tries of one call, the first included
+RETRY_INITIAL_S = 0.25  # the first backoff; it doubles, with jitter, up to RETRY_MAX_S
+RETRY_MAX_S = 16.0
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_RETRIES: collections.Counter = collections.Counter()  # kind of call -> retries, this process
+_RETRIES_LOCK = threading.Lock()
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    import requests
+    import urllib3
+    from google.auth.exceptions import TransportError
+    from google.resumable_media.common import DataCorruption
+
+    # A connection reset, or a body cut short (requests' ChunkedEncodingError, urllib3's
+    # ProtocolError, or a download whose checksum then fails).
+    return (ConnectionError, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            requests.Timeout, urllib3.exceptions.ProtocolError, TransportError, DataCorruption)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a failed GCS call may succeed if repeated."""
+    from google.api_core.exceptions import GoogleAPICallError
+
+    if isinstance(err, GoogleAPICallError):
+        return err.code in _TRANSIENT_STATUS
+    return isinstance(err, _transient_types())
+
+
+def _retry_after(err: BaseException) -> float:
+    response = getattr(err, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    try:
+        return float(value) if value is not None else 0.0
+    except ValueError:  # an HTTP date: use the backoff
+        return 0.0
+
+
+def retried(kind: str, call: Callable[[], T]) -> T:
+    """`call()`, repeated after a transient error (`is_transient`) with exponential backoff
+    and jitter (at least the response's Retry-After), at most RETRY_ATTEMPTS tries; each retry
+    is counted under `kind` ("read", "upload", ...). Other errors propagate at once."""
+    delay = RETRY_INITIAL_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == RETRY_ATTEMPTS or not is_transient(err):
+                raise
+            with _RETRIES_LOCK:
+                _RETRIES[kind] += 1
+            # Object names hold patient ids: the kind and the error class only.
+            _LOG.debug("GCS %s retried after %s (try %d)", kind, type(err).__name__, attempt)
+            time.sleep(min(RETRY_MAX_S, max(_retry_after(err), random.uniform(delay / 2, delay))))
+            delay = min(RETRY_MAX_S, delay * 2)
+    raise AssertionError("unreachable")
+
+
+def retry_counts() -> dict[str, int]:
+    """Retries of GCS calls in this process so far, by kind of call."""
+    with _RETRIES_LOCK:
+        return dict(_RETRIES)
+
+
+def retry_summary() -> Optional[str]:
+    """One line of `retry_counts`; None when nothing was retried."""
+    counts = retry_counts()
+    if not counts:
+        return None
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
+    return f"GCS: {sum(counts.values())} calls retried after transient errors ({kinds})"
 
 
 def error_line(err: Exception) -> str:
@@ -119,6 +270,8 @@ def _gcs_errors(path: str) -> Iterator[None]:
     try:
         yield
     except gcs.NotFound as err:
+        if "bucket" in (err.message or "").lower():  # GCS: "The specified bucket does not exist."
+            raise FileNotFoundError(f"no such bucket: {path}") from err
         raise FileNotFoundError(f"no such object: {path}") from err
     except gcs.PreconditionFailed as err:
         raise FileExistsError(f"object exists: {path}") from err
@@ -134,8 +287,9 @@ def exists(path: str, user_project: Optional[str] = None) -> bool:
     """Whether a file (or a local folder) exists; `user_project` is billed for gs:// paths."""
     if not is_gcs(path):
         return os.path.exists(path)
+    blob = _blob(path, user_project)
     with _gcs_errors(path):
-        return _blob(path, user_project).exists()
+        return retried("read", lambda: blob.exists(retry=None))
 
 
 def read_bytes(path: str, user_project: Optional[str] = None) -> bytes:
@@ -151,29 +305,52 @@ def read_bytes(path: str, user_project: Optional[str] = None) -> bytes:
     if not is_gcs(path):
         with open(path, "rb") as handle:
             return handle.read()
+    blob = _blob(path, user_project)
     with _gcs_errors(path):
-        return _blob(path, user_project).download_as_bytes()
+        return retried("read", lambda: blob.download_as_bytes(retry=None))
 
 
 class _GcsReader(io.RawIOBase):
-    """A gs:// object read in large ranges, its errors mapped to OSErrors."""
+    """A gs:// object read in ranges, each retried on its own, of the generation found at
+    open (an object replaced meanwhile is not read half old, half new); errors are OSErrors."""
 
     def __init__(self, path: str, user_project: Optional[str]) -> None:
         self._path = path
-        self._reader = _blob(path, user_project).open("rb")
+        bucket, name = split_gcs(path)
+        handle = gcs_bucket(bucket, user_project)
+        with _gcs_errors(path):
+            found = retried("read", lambda: handle.get_blob(name, retry=None))
+        if found is None:
+            raise FileNotFoundError(f"no such object: {path}")
+        # A fresh handle: a loaded one downloads from its mediaLink, which an emulator may
+        # have written with another host.
+        self._blob = handle.blob(name, generation=found.generation)
+        self._size = found.size
+        self._pos = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        start, n = self._pos, min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
         with _gcs_errors(self._path):
-            data = self._reader.read(len(buffer))
+            data = retried("ranged read", lambda: self._blob.download_as_bytes(
+                start=start, end=start + n - 1, checksum=None, retry=None))
         buffer[: len(data)] = data
+        self._pos += len(data)
         return len(data)
 
-    def close(self) -> None:
-        self._reader.close()
-        super().close()
+    def readall(self) -> bytes:
+        # RawIOBase's would ask for 8 KB at a time, one request each.
+        parts = []
+        while True:
+            part = bytearray(min(_RANGE, max(0, self._size - self._pos)))
+            got = self.readinto(part) if part else 0
+            if not got:
+                return b"".join(parts)
+            parts.append(bytes(part[:got]))
 
 
 def open_read(path: str, user_project: Optional[str] = None) -> BinaryIO:
@@ -214,8 +391,9 @@ def download(path: str, local_path: str, user_project: Optional[str] = None) -> 
     if not is_gcs(path):
         shutil.copyfile(path, local_path)
         return
+    blob = _blob(path, user_project)
     with _gcs_errors(path):
-        _blob(path, user_project).download_to_filename(local_path)
+        retried("read", lambda: blob.download_to_filename(local_path, retry=None))
 
 
 def list_files(pattern: str) -> list[str]:
@@ -248,8 +426,7 @@ def _candidates(literal: str, rest: str) -> Iterator[str]:
     if is_gcs(literal):
         bucket, _, prefix = literal[len(GCS_PREFIX):].partition("/")
         with _gcs_errors(literal):
-            for blob in _client(None).list_blobs(bucket, prefix=prefix,
-                                                 delimiter=None if deep else "/"):
+            for blob in gcs_list(bucket, prefix, delimiter=None if deep else "/"):
                 if not blob.name.endswith("/"):  # folder placeholders
                     yield f"{GCS_PREFIX}{bucket}/{blob.name}"
         return
@@ -268,8 +445,49 @@ def _candidates(literal: str, rest: str) -> Iterator[str]:
 
 # --- writing ---------------------------------------------------------------------------------
 
+def _mode_of(folder: str) -> int:
+    return stat.S_IMODE(os.stat(folder).st_mode) & 0o2777  # setgid kept: group sharing
+
+
+def _make_folders(folder: str) -> None:
+    """os.makedirs(folder, exist_ok=True), each new folder given its parent's mode."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    mode = _mode_of(folder or ".")
+    for new in reversed(missing):
+        try:
+            os.mkdir(new, mode & 0o777)
+        except FileExistsError:
+            continue  # another thread's, which sets its mode
+        os.chmod(new, mode)  # mkdir's mode passed through the umask
+
+
+def _create_local(path: str) -> BinaryIO:
+    """A new file for writing, with its folder's mode less x (never wider, even briefly)."""
+    mode = _mode_of(os.path.dirname(path) or ".") & 0o666
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o600)
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb")
+
+
+def make_root(folder: str, permissions: str = DEFAULT_PERMISSIONS) -> None:
+    """Creates local `folder` if needed and sets its mode to `PERMISSIONS[permissions]`: what
+    this module creates under it inherits it. Nothing for a gs:// folder (the bucket's IAM
+    says who reads it)."""
+    if is_gcs(folder):
+        return
+    _make_folders(folder)
+    os.chmod(folder, PERMISSIONS[permissions])
+
+
 def _local_tmp(path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _make_folders(os.path.dirname(path) or ".")
     return f"{path}{TMP_MARK}{uuid.uuid4().hex}"
 
 
@@ -286,14 +504,28 @@ def _publish_local(tmp: str, path: str, if_absent: bool) -> None:
         raise
 
 
-def _upload(path: str, if_absent: bool, send: Any) -> None:
-    from google.cloud.storage.retry import DEFAULT_RETRY
+def _upload(path: str, if_absent: bool, send: Any, md5: Optional[str] = None) -> None:
+    """`send(blob, **options)` uploads the bytes; `md5` (base64, as GCS reports it) lets an
+    `if_absent` upload whose first try landed but whose answer was lost tell its own object
+    from another's."""
+    from google.api_core.exceptions import PreconditionFailed
 
-    # The client retries an upload only under a precondition; ours write the same bytes to
-    # the same name when repeated, so an unconditional one may be retried too.
-    options = {"if_generation_match": 0} if if_absent else {"retry": DEFAULT_RETRY}
+    blob, tries = _blob(path), []
+    options = {"if_generation_match": 0} if if_absent else {}
+
+    def attempt() -> None:
+        tries.append(1)
+        try:
+            send(blob, retry=None, **options)
+        except PreconditionFailed:
+            if len(tries) > 1 and md5 is not None:
+                retried("read", lambda: blob.reload(retry=None))
+                if blob.md5_hash == md5:
+                    return
+            raise
+
     with _gcs_errors(path):
-        send(_blob(path), **options)
+        retried("upload", attempt)
 
 
 def write_bytes(path: str, data: bytes, *, if_absent: bool = False) -> None:
@@ -309,11 +541,12 @@ def write_bytes(path: str, data: bytes, *, if_absent: bool = False) -> None:
         FileExistsError: `if_absent` and the file exists.
     """
     if is_gcs(path):
-        _upload(path, if_absent, lambda blob, **kw: blob.upload_from_string(data, **kw))
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode() if if_absent else None
+        _upload(path, if_absent, lambda blob, **kw: blob.upload_from_string(data, **kw), md5)
         return
     tmp = _local_tmp(path)
     try:
-        with open(tmp, "wb") as handle:
+        with _create_local(tmp) as handle:
             handle.write(data)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -330,7 +563,8 @@ class AtomicWriter(io.RawIOBase):
         # GCS: spooled to a local temporary file and uploaded at commit, so that the object
         # appears only then (an upload stream would publish whatever it has when closed).
         self._tmp = None if is_gcs(path) else _local_tmp(path)
-        self._file: BinaryIO = open(self._tmp, "wb") if self._tmp else tempfile.TemporaryFile()
+        self._file: BinaryIO = (_create_local(self._tmp) if self._tmp
+                                else tempfile.TemporaryFile())
 
     def writable(self) -> bool:
         return True
@@ -344,9 +578,11 @@ class AtomicWriter(io.RawIOBase):
             self._file.close()
             _publish_local(self._tmp, self.path, if_absent=False)
         else:
-            self._file.seek(0)
-            _upload(self.path, False,
-                    lambda blob, **kw: blob.upload_from_file(self._file, **kw))
+            def send(blob: Any, **kw: Any) -> None:
+                self._file.seek(0)  # each try sends it all
+                blob.upload_from_file(self._file, **kw)
+
+            _upload(self.path, False, send)
             self._file.close()
         super().close()
 
@@ -379,15 +615,20 @@ def copy(pairs: Iterable[tuple[str, str]]) -> None:
     remote = [(s, t) for s, t in pairs if is_gcs(s)]
     for source, target in pairs:
         if not is_gcs(source):
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            shutil.copyfile(source, target)
+            with open(source, "rb") as src, open_write(target) as dst:
+                shutil.copyfileobj(src, dst)
     for start in range(0, len(remote), _BATCH):
         group = remote[start:start + _BATCH]
-        with _gcs_errors(group[0][0]), _client(None).batch():
-            for source, target in group:
-                (src_bucket, src_name), (dst_bucket, dst_name) = map(split_gcs, (source, target))
-                gcs_bucket(src_bucket).copy_blob(gcs_bucket(src_bucket).blob(src_name),
-                                                 gcs_bucket(dst_bucket), dst_name)
+        with _gcs_errors(group[0][0]):  # copying a source to a name again is idempotent
+            retried("copy", lambda: _copy_objects(group))
+
+
+def _copy_objects(group: list[tuple[str, str]]) -> None:
+    with _client(None).batch():  # raises for a failed call inside
+        for source, target in group:
+            (src_bucket, src_name), (dst_bucket, dst_name) = map(split_gcs, (source, target))
+            gcs_bucket(src_bucket).copy_blob(gcs_bucket(src_bucket).blob(src_name),
+                                             gcs_bucket(dst_bucket), dst_name, retry=None)
 
 
 # --- deleting --------------------------------------------------------------------------------
@@ -406,16 +647,31 @@ def delete(paths: Iterable[str]) -> None:
 
 
 def _delete_objects(objects: list[tuple[str, str]]) -> None:
-    client = _client(None)
     with _gcs_errors(f"{GCS_PREFIX}{objects[0][0]}/{objects[0][1]}"):
-        with client.batch(raise_exception=False) as batch:
-            for bucket, name in objects:
-                gcs_bucket(bucket).delete_blob(name)
+        left = retried("delete", lambda: _delete_batch(objects))
+    for (bucket, name), response in left:
+        raise OSError(f"cannot delete {GCS_PREFIX}{bucket}/{name}: HTTP "
+                      f"{response.status_code} {response.reason}")
+
+
+def _delete_batch(objects: list[tuple[str, str]]) -> list[tuple[tuple[str, str], Any]]:
+    """Deletes `objects` in one batch; the calls refused for good, with their responses.
+
+    Raises:
+        GoogleAPICallError: a transient failure of the batch or of a call in it (deleting
+            again is harmless: a missing object is no error).
+    """
+    from google.api_core.exceptions import from_http_status
+
+    with _client(None).batch(raise_exception=False) as batch:
+        for bucket, name in objects:
+            gcs_bucket(bucket).delete_blob(name, retry=None)
     # The batch keeps each call's response (the public API raises for the last failure only).
-    for (bucket, name), response in zip(objects, batch._responses):
-        if response.status_code not in (200, 204, 404):
-            raise OSError(f"cannot delete {GCS_PREFIX}{bucket}/{name}: HTTP "
-                          f"{response.status_code} {response.reason}")
+    done = list(zip(objects, batch._responses))
+    for _, response in done:
+        if response.status_code in _TRANSIENT_STATUS:
+            raise from_http_status(response.status_code, response.reason or "", response=response)
+    return [(obj, r) for obj, r in done if r.status_code not in (200, 204, 404)]
 
 
 def delete_tree(path: str) -> None:
@@ -456,17 +712,18 @@ def move_many(pairs: Iterable[tuple[str, str]]) -> None:
     delete(s for s, _ in remote)
 
 
-def identity(path: str, user_project: Optional[str] = None) -> tuple[int, int]:
+def identity(path: str, user_project: Optional[str] = None) -> tuple[int, int, str]:
     """What changes when a file's content does, read without reading the content: (size,
-    mtime in ns) locally, (size, generation) on GCS (a new upload is a new generation).
+    mtime in ns, "") locally, (size, generation, crc32c) on GCS (a new upload is a new
+    generation; the crc32c is the store's own checksum, base64).
 
     Raises:
         FileNotFoundError: no such file.
     """
     if not is_gcs(path):
         info = os.stat(path)
-        return info.st_size, info.st_mtime_ns
+        return info.st_size, info.st_mtime_ns, ""
     blob = _blob(path, user_project)
     with _gcs_errors(path):
-        blob.reload()
-    return int(blob.size), int(blob.generation)
+        retried("read", lambda: blob.reload(retry=None))
+    return int(blob.size), int(blob.generation), blob.crc32c or ""

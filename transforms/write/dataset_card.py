@@ -95,6 +95,44 @@ def _split_source(meta: Mapping[str, Any]) -> str:
                if strat.get("reused_indices") else "") + ".")
 
 
+_WHO = {"group": "you and your group", "owner": "you alone", "world": "every local user"}
+
+
+def _access(config: Mapping[str, Any]) -> str:
+    """Who may read the output: the DUA's rule, then the modes a local output was given."""
+    preset = config.get("output_permissions")
+    if preset in storage.PERMISSIONS:
+        folder = storage.PERMISSIONS[preset]
+        local = (f"written with folders {folder:04o} and files {folder & 0o666:04o} "
+                 f"(`output_permissions` {preset}: {_WHO[preset]}), whatever the umask")
+    else:
+        local = "written with the modes its umask gave (not recorded)"
+    return (
+        "Only credentialed PhysioNet users who have signed the data use agreement for "
+        "MIMIC-IV, MIMIC-IV-ED and MIMIC-CXR-JPG may read this output. A local output is "
+        f"{local}; keep its group to such people. On gs:// the bucket's IAM decides: keep it "
+        "private (`run_dataflow.sh`'s preflight refuses a bucket that grants `allUsers` or "
+        "`allAuthenticatedUsers` a role).")
+
+
+def _inputs(provenance: Mapping[str, Any]) -> list[str]:
+    """The card's lines on the tables read (`provenance["inputs"]`), if recorded."""
+    inputs = provenance.get("inputs") or {}
+    tables = inputs.get("tables") or {}
+    if not tables:
+        return []
+    rows = [(name, f"`{t['path']}`", t["bytes"],
+             ", ".join(f"{k} {t[k]}" for k in ("sha256", "crc32c", "md5") if t.get(k)))
+            for name, t in sorted(tables.items())]
+    lines = ["", "Inputs read (checksums from GCS's object metadata, or sha256 of the local "
+             "file):", "", _table(("table", "path", "bytes", "checksum"), rows)]
+    images = inputs.get("images")
+    if images:
+        lines += ["", f"Images of the cohort (written and failed): {images['images']}, "
+                  f"{images['bytes']} bytes, digest `{images['digest']}` ({images['rule']})."]
+    return lines
+
+
 def render_card(meta: Mapping[str, Any]) -> str:
     """The card's Markdown for a metadata.json document."""
     config = meta.get("config", {})
@@ -119,6 +157,10 @@ def render_card(meta: Mapping[str, Any]) -> str:
         "# Dataset card: MIMIC chest X-ray + emergency-department multimodal dataset",
         "",
         _DUA,
+        "",
+        "## Who may read it",
+        "",
+        _access(config),
         "",
         "## What this is",
         "",
@@ -161,7 +203,9 @@ def render_card(meta: Mapping[str, Any]) -> str:
         "",
         f"Chunk format version {meta.get('format_version')}. Report: {report_line}.",
         "",
-        _table(("provenance", "value"), sorted(provenance.items())),
+        _table(("provenance", "value"),
+               sorted((k, v) for k, v in provenance.items() if k != "inputs")),
+        *_inputs(provenance),
         "",
         _table(("package", "version"), sorted(meta.get("versions", {}).items())),
         "",

@@ -38,7 +38,8 @@ from transforms.ledger import LEDGER_TAG, Tally
 from transforms.records import CohortRecord, DeadLetter
 from transforms.splits import SplitAssignment, record_stratum
 from transforms.text import notes
-from transforms.write import layout, resume
+from transforms.join import schema
+from transforms.write import layout, provenance, resume
 
 REFS_TAG = "refs"
 GROUPS_TAG = "groups"
@@ -74,6 +75,7 @@ class GroupInfo:
     bytes: int
     sha256: str
     reused: bool = False
+    images: tuple[int, int, int] = (0, 0, 0)  # provenance.image_tally of its records' images
 
 
 def group_paths(output_dir: str, split: str, group: int, fingerprint: str) -> tuple[str, str]:
@@ -119,8 +121,8 @@ def ledger_name(dead: DeadLetter) -> str:
 
 
 def _identities(paths: Sequence[str], user_project: Optional[str]
-                ) -> list[Optional[tuple[int, int]]]:
-    def one(path: str) -> Optional[tuple[int, int]]:
+                ) -> list[Optional[tuple[int, int, str]]]:
+    def one(path: str) -> Optional[tuple[int, int, str]]:
         try:
             return storage.identity(path, user_project)
         except FileNotFoundError:
@@ -175,6 +177,10 @@ class _PreprocessGroupFn(beam.DoFn):
         else:
             self._tally.inc(REUSED, len(done["refs"]))
         info, refs, dead = _outputs(split, group, chunk_path, done)
+        info = dataclasses.replace(info, images=provenance.add_tallies(
+            provenance.image_tally(schema.image_relpath(r.subject_id, r.study_id, r.record_id),
+                                   identity)
+            for r, identity in zip(members, images)))
         self._tally.inc(SPILLED, len(refs))
         for letter in dead:
             self._tally.inc(ledger_name(letter))

@@ -34,7 +34,12 @@ from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, ch
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.chunks.record import SUMMARISED, Summary
 from transforms.errors import InputError
-from transforms.write.provenance import collect, package_versions
+from transforms.write.provenance import (
+    add_tallies,
+    collect,
+    image_list_digest,
+    package_versions,
+)
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.write.groups import RecordRef
 from transforms.write.resume import TMP_DIR, prepare_tmp, tmp_dir
@@ -449,6 +454,7 @@ class _CommitFn(beam.DoFn):
         dropped: list[tuple[str, int]],
         assignment: SplitAssignment,
         ledger: dict[str, int],
+        images: Optional[tuple[int, int, int]] = None,
     ) -> Iterable[dict]:
         chunks = [p.info for p in placed]
         check_conservation({
@@ -462,13 +468,19 @@ class _CommitFn(beam.DoFn):
         out = self._output_dir
         storage.write_bytes(storage.join(out, FAILED_DIR, FAILED_NAME), failed_bytes(dead))
         check_failed_fraction(dead, ledger.get("cohort/records", 0), self._max_failed_fraction)
+        settings = self._settings
+        if images is not None:
+            source = settings["provenance"]["provenance"]
+            settings = {**settings, "provenance": {**settings["provenance"], "provenance": {
+                **source, "inputs": {**source.get("inputs", {}),
+                                     "images": image_list_digest(images)}}}}
         meta = build_metadata(
             chunks=chunks,
             stats=stats,
             failed=collections.Counter(d.reason for d in dead).items(),
             dropped=dropped,
             assignment=assignment,
-            **self._settings,
+            **settings,
         )
         # Only now, with every count checked, do the chunks take their names.
         place_chunks(out, placed)
@@ -498,6 +510,8 @@ class WriteMetadata(beam.PTransform):
         "dead_letters": `records.DeadLetter` of every stage, flattened.
         "dropped": the reason string of every image that is not a record (`JoinCohort`).
         "ledger": (name, total) of every stage's ledger (`transforms.ledger.SumLedger`).
+        "images" (optional): `provenance.image_tally` sums of the cohort's images (one per
+            group), recorded as provenance.inputs.images.
     Output: the metadata.json document (one dict), once it is written. Before anything is
     published the ledger must add up (`transforms.ledger.check_conservation`) and at most
     `max_failed_fraction` of the records may have failed (`check_failed_fraction`);
@@ -571,6 +585,8 @@ class WriteMetadata(beam.PTransform):
                 _SplitStatsFn(self._settings["feature_names"], self._max_text_length,
                               self._settings["label_names"]))
         )
+        images = [] if "images" not in inputs else [beam.pvalue.AsSingleton(
+            inputs["images"] | "ImageList" >> beam.CombineGlobally(add_tallies))]
         dead = inputs["dead_letters"] | "AllDeadLetters" >> beam.combiners.ToList()
         dropped = (
             inputs["dropped"]
@@ -588,5 +604,6 @@ class WriteMetadata(beam.PTransform):
                 beam.pvalue.AsSingleton(dropped),
                 assignment,
                 beam.pvalue.AsDict(inputs["ledger"]),
+                *images,
             )
         )

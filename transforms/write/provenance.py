@@ -1,5 +1,9 @@
 """Where an output came from: the versions, model and knowledge-base digests and the commit.
 
+`input_tables` describes the tables a run reads (path, size, checksum) and
+`image_list_digest` the cohort's images, so that a dataset names the exact inputs it was made
+from; they land in `provenance["inputs"]`.
+
 `collect` runs once per run on the launcher (at pipeline construction, see `WriteMetadata`);
 the result travels to the commit step as a small setting and lands in metadata.json as
 `versions` and `provenance`. Nothing here depends on time or on where files are stored, so the
@@ -14,7 +18,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import transforms
 from transforms import storage
@@ -85,6 +89,63 @@ def folder_sha256(folder: str) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+def table_file(path: str, user_project: Optional[str] = None) -> dict[str, Any]:
+    """A table's path, size and checksum: on gs://, the crc32c and md5 (base64, as GCS
+    reports them; a composite object has no md5) of the object's metadata, one call and no
+    read; locally, the sha256 of its bytes (compressed tables: seconds at MIMIC's size).
+
+    Raises:
+        FileNotFoundError: no such table.
+    """
+    if not storage.is_gcs(path):
+        return {"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+    bucket, name = storage.split_gcs(path)
+    handle = storage.gcs_bucket(bucket, user_project)
+    try:
+        blob = storage.retried("read", lambda: handle.get_blob(name, retry=None))
+    except storage.gcs_call_errors() as err:
+        raise OSError(f"{path}: {storage.error_line(err)}") from err
+    if blob is None:
+        raise FileNotFoundError(f"no such object: {path}")
+    return {"path": path, "bytes": int(blob.size), "crc32c": blob.crc32c, "md5": blob.md5_hash}
+
+
+def input_tables(paths: dict[str, str], user_project: Optional[str] = None
+                 ) -> dict[str, dict[str, Any]]:
+    """`table_file` of each table read, by table name."""
+    return {name: table_file(path, user_project) for name, path in sorted(paths.items())}
+
+
+# Order-free, so the workers' groups add up to the same digest whatever the chunk size.
+IMAGE_DIGEST_RULE = ("sum mod 2**256 of sha256(relative path, TAB, bytes, TAB, the store's "
+                     "crc32c or nothing) over the images, as 64 hex digits; a missing image "
+                     "counts with bytes 'missing'")
+ImageTally = tuple[int, int, int]  # (images, bytes, digest sum)
+
+
+def image_tally(relpath: str, identity: Optional[tuple]) -> ImageTally:
+    """One image's share of `image_list_digest`; `identity` is `storage.identity`'s (size,
+    version, checksum), None for a missing file. Metadata only: no image is read twice."""
+    size, checksum = (identity[0], identity[2]) if identity else ("missing", "")
+    line = f"{relpath}\t{size}\t{checksum}".encode()
+    return 1, identity[0] if identity else 0, int(hashlib.sha256(line).hexdigest(), 16)
+
+
+def add_tallies(tallies: Iterable[ImageTally]) -> ImageTally:
+    images = size = total = 0
+    for n, b, d in tallies:
+        images, size, total = images + n, size + b, (total + d) % 2**256
+    return images, size, total
+
+
+def image_list_digest(tally: ImageTally) -> dict[str, Any]:
+    """metadata.json's `provenance.inputs.images`: which images the cohort was made of (its
+    records written and failed), their bytes, and `IMAGE_DIGEST_RULE`'s digest."""
+    images, size, total = tally
+    return {"images": images, "bytes": size, "digest": f"{total:064x}",
+            "rule": IMAGE_DIGEST_RULE}
+
+
 def _git(*args: str) -> Optional[str]:
     try:
         done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True,
@@ -122,6 +183,7 @@ def collect(
     embedding_model: Optional[str] = None,
     knowledge_base: Optional[str] = None,
     tokenizer: Optional[str] = None,
+    tables: Optional[dict[str, dict[str, Any]]] = None,
 ) -> dict[str, Any]:
     """metadata.json's `versions` and `provenance` for a run with these text settings (None:
     the defaults the notes stage uses: the offline MiniLM, the bundled knowledge base, the
@@ -130,7 +192,7 @@ def collect(
     Returns:
         {"versions": package_versions(), "provenance": {"git_commit", "git_dirty",
         "embedding_model_sha256", "tokenizer_sha256" (None: the model's own),
-        "knowledge_base_sha256"}}.
+        "knowledge_base_sha256", and with `tables` (`input_tables`) "inputs": {"tables"}}}.
     """
     commit, dirty = git_state()
     return {
@@ -141,5 +203,6 @@ def collect(
             "embedding_model_sha256": folder_sha256(embedding_model or _default_model_path()),
             "tokenizer_sha256": folder_sha256(tokenizer) if tokenizer else None,
             "knowledge_base_sha256": file_sha256(knowledge_base or _default_knowledge_base()),
+            **({"inputs": {"tables": tables}} if tables is not None else {}),
         },
     }
