@@ -48,7 +48,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.memory import PeakSampler  # noqa: E402
 from transforms.chunks import ChunkedDataset, collate_records, normalize_images  # noqa: E402
 
-SYSTEMS = ("ours", "mds", "litdata")
+SYSTEMS = ("ours", "ours_2_chunks", "mds", "litdata")
+# At equal memory: ours with a shuffle window of two chunks holds about what LitData does (one
+# chunk per process, plus the one being read), against its default window of 4,096 records.
+SMALL_WINDOW_CHUNKS = 2
 # The fields a training step reads (what `examples/train.py` loads), in our training form.
 COLUMNS = ("record_id", "image_tensor", "text_input_ids", "text_attention_mask",
            "clinical_data", "clinical_mask", "labels")
@@ -119,9 +122,13 @@ def open_dataset(system: str, path: str, image_dtype: torch.dtype, batch_size: i
                  shuffle: bool = True) -> torch.utils.data.Dataset:
     """The system's own dataset over its copy, yielding our training records."""
     form = TrainingForm(image_dtype)
-    if system == "ours":
+    if system in ("ours", "ours_2_chunks"):
+        from benchmarks.bench_loader import RECORDS_PER_CHUNK
+
+        window = ({"shuffle_window": SMALL_WINDOW_CHUNKS * RECORDS_PER_CHUNK}
+                  if system == "ours_2_chunks" else {})
         return ChunkedDataset(path, "train", seed=0, batch_size=batch_size, shuffle=shuffle,
-                              image_dtype=image_dtype, columns=COLUMNS)
+                              image_dtype=image_dtype, columns=COLUMNS, **window)
     if system == "mds":
         from streaming import StreamingDataset
 
@@ -139,7 +146,7 @@ def open_dataset(system: str, path: str, image_dtype: torch.dtype, batch_size: i
 
 def shard_starts(system: str, path: str) -> list[int]:
     """The first record (stored order) of each chunk or shard, from the system's index."""
-    if system == "ours":
+    if system in ("ours", "ours_2_chunks"):
         counts = [c["records"] for c in json.loads(Path(path, "metadata.json").read_text())
                   ["chunks"]]
     elif system == "mds":
@@ -225,7 +232,7 @@ def convert(root: Path, n_chunks: int) -> dict[str, str]:
     """Our chunks and the peers' copies of them; the seconds each conversion took."""
     from benchmarks.bench_loader import IMAGE_SIZE, RECORDS_PER_CHUNK, write_output
 
-    paths = {s: str(root / s) for s in SYSTEMS}
+    paths = {s: str(root / s) for s in SYSTEMS} | {"ours_2_chunks": str(root / "ours")}
     write_output(root / "ours", n_chunks, IMAGE_SIZE)
     largest = max(c["bytes"] for c in json.loads((root / "ours" / "metadata.json")
                                                  .read_text())["chunks"])

@@ -18,7 +18,7 @@ def _layout_section() -> str:
 def test_readme_layout_names_every_module_and_package() -> None:
     section = _layout_section()
     missing = []
-    for top in ("pipelines", "transforms", "synthetic"):
+    for top in ("pipelines", "transforms", "synthetic", "examples"):
         for path in sorted((REPO / top).rglob("*.py")):
             rel = path.relative_to(REPO)
             if path.name == "__init__.py":
@@ -35,6 +35,6 @@ def test_readme_layout_names_every_module_and_package() -> None:
 def test_readme_layout_names_nothing_that_is_gone() -> None:
     section = _layout_section()
     named = set(re.findall(r"\b([a-z_]+\.py)\b", section))
-    present = {p.name for top in ("pipelines", "transforms", "synthetic")
+    present = {p.name for top in ("pipelines", "transforms", "synthetic", "examples")
                for p in (REPO / top).rglob("*.py")}
     assert named - present == set()

@@ -705,7 +705,7 @@ def move_many(pairs: Iterable[tuple[str, str]]) -> None:
         if is_gcs(source) != is_gcs(target):
             raise ValueError(f"cannot move {source} to {target}: not on one store")
         if not is_gcs(source):
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+            _make_folders(os.path.dirname(target))  # the root's mode, as every local write
             os.replace(source, target)
     remote = [(s, t) for s, t in pairs if is_gcs(s)]
     copy(remote)
