@@ -24,10 +24,12 @@ whole batch).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import http.client
 import io
 import json
+import os
 import random
 import re
 import threading
@@ -295,3 +297,17 @@ class CountingProxy:
 def write_ops(counts: collections.Counter) -> int:
     """Object writes: uploads started, copies or rewrites, deletes."""
     return counts["upload"] + counts["copy"] + counts["delete"]
+
+
+@contextlib.contextmanager
+def proxied(**options) -> Iterator[CountingProxy]:
+    """google-cloud-storage clients made inside reach the emulator through a `CountingProxy`
+    (`options`: its own), for the tests that count or break requests."""
+    upstream = os.environ["STORAGE_EMULATOR_HOST"]
+    server = CountingProxy(upstream, **options)
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    try:
+        yield server
+    finally:
+        os.environ["STORAGE_EMULATOR_HOST"] = upstream
+        server.close()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.chunk_fixtures import upload_tree, write_dataset
-from tests.gcs_proxy import TRANSIENT, CountingProxy, Faults
+from tests.gcs_proxy import TRANSIENT, CountingProxy, Faults, proxied
 from tests.test_stage import BILLING, DEST_BUCKET, _roots, source_dataset  # noqa: F401
 from transforms import storage
 from transforms.chunks import ChunkedDataset
@@ -32,14 +32,8 @@ RATE = 0.02
 @pytest.fixture
 def proxy(gcs_emulator: str) -> Iterator[CountingProxy]:
     """A proxy that injects no fault until a test sets `proxy.faults`."""
-    upstream = os.environ["STORAGE_EMULATOR_HOST"]
-    server = CountingProxy(upstream)
-    os.environ["STORAGE_EMULATOR_HOST"] = server.url
-    try:
+    with proxied() as server:
         yield server
-    finally:
-        os.environ["STORAGE_EMULATOR_HOST"] = upstream
-        server.close()
 
 
 def _failing(proxy: CountingProxy) -> int:
@@ -91,6 +85,15 @@ def test_storage_calls_under_2_percent_faults_give_the_fault_free_results(
     assert "calls retried after transient errors" in storage.retry_summary()
 
 
+def _on_gcs(tmp_path: Path, uri: str, train: int, other: int) -> tuple[Path, str]:
+    """A small written dataset (chunks of 2), locally and uploaded to `uri`."""
+    local = tmp_path / "out"
+    write_dataset(local, {"train": train, "val": other, "test": other}, chunk_size=2,
+                  image_size=16)
+    upload_tree(local, uri)
+    return local, uri
+
+
 def _epochs(uri: str, cache: Path) -> list[tuple[str, int]]:
     """Four epochs' records, in order, each from an empty cache (every chunk downloaded)."""
     out = []
@@ -103,10 +106,7 @@ def _epochs(uri: str, cache: Path) -> list[tuple[str, int]]:
 
 def test_a_loader_epoch_over_gcs_under_faults_reads_the_same_records(
         proxy: CountingProxy, gcs_emulator: str, tmp_path: Path) -> None:
-    local = tmp_path / "out"
-    write_dataset(local, {"train": 23, "val": 4, "test": 4}, chunk_size=2, image_size=16)
-    uri = f"{gcs_emulator}/faults-loader/out"
-    upload_tree(local, uri)
+    local, uri = _on_gcs(tmp_path, f"{gcs_emulator}/faults-loader/out", train=23, other=4)
     clean = _epochs(uri, tmp_path / "clean")
     before = _retries()
     proxy.reset()
@@ -204,10 +204,7 @@ def test_a_forbidden_object_or_a_missing_bucket_fails_at_once_naming_the_path(
 
 def test_a_forbidden_chunk_stops_the_loader_naming_it(
         proxy: CountingProxy, gcs_emulator: str, tmp_path: Path) -> None:
-    local = tmp_path / "out"
-    write_dataset(local, {"train": 4, "val": 2, "test": 2}, chunk_size=2, image_size=16)
-    uri = f"{gcs_emulator}/faults-loader-403/out"
-    upload_tree(local, uri)
+    local, uri = _on_gcs(tmp_path, f"{gcs_emulator}/faults-loader-403/out", train=4, other=2)
     meta = json.loads((local / "metadata.json").read_text())
     chunk = next(c["path"] for c in meta["chunks"] if c["split"] == "train")
     proxy.faults = Faults(forbidden=frozenset(

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.gcs_proxy import CountingProxy, write_ops
+from tests.gcs_proxy import CountingProxy, proxied, write_ops
 from transforms import storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,14 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def gcs(gcs_emulator: str) -> Iterator[CountingProxy]:
     """Clients created during the test reach the emulator through a counting proxy."""
-    emulator = os.environ["STORAGE_EMULATOR_HOST"]
-    proxy = CountingProxy(emulator)
-    os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
-    try:
+    with proxied() as proxy:
         yield proxy
-    finally:
-        os.environ["STORAGE_EMULATOR_HOST"] = emulator
-        proxy.close()
 
 
 @pytest.fixture
