@@ -14,6 +14,7 @@ from pathlib import Path
 from tests.gcs_proxy import CountingProxy
 from tests.test_end_to_end import built, synthetic  # noqa: F401  (a real run)
 from transforms import storage
+from transforms.storage import FileStat
 from transforms.join import schema
 from transforms.write import dataset_card
 from transforms.write.provenance import add_tallies, image_list_digest, image_tally, table_file
@@ -54,8 +55,8 @@ def _digest_of(lines: list[str]) -> str:
 
 
 def test_the_image_list_digest_follows_its_rule_in_any_order() -> None:
-    images = [("files/p10/p10000002/s2/b.jpg", (900, 123, "")),
-              ("files/p10/p10000001/s1/a.jpg", (700, 456, "AAAAAA==")),
+    images = [("files/p10/p10000002/s2/b.jpg", FileStat(900, 123)),
+              ("files/p10/p10000001/s1/a.jpg", FileStat(700, 456, "AAAAAA==", "md5")),
               ("files/p10/p10000001/s1/c.jpg", None)]
     tallies = [image_tally(path, identity) for path, identity in images]
     digest = image_list_digest(add_tallies(tallies))
@@ -66,8 +67,8 @@ def test_the_image_list_digest_follows_its_rule_in_any_order() -> None:
         "files/p10/p10000002/s2/b.jpg\t900\t", "files/p10/p10000001/s1/a.jpg\t700\tAAAAAA==",
         "files/p10/p10000001/s1/c.jpg\tmissing\t"])
     # The version part of the identity (mtime, generation) is not the content: left out.
-    assert image_tally(*images[0]) == image_tally(images[0][0], (900, 999, ""))
-    assert image_tally(*images[0]) != image_tally(images[0][0], (901, 123, ""))
+    assert image_tally(*images[0]) == image_tally(images[0][0], FileStat(900, 999))
+    assert image_tally(*images[0]) != image_tally(images[0][0], FileStat(901, 123))
 
 
 def test_a_run_records_the_cohorts_image_list(built: Path, synthetic) -> None:  # noqa: F811

@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Optional, TypeVar
 
 GCS_PREFIX = "gs://"
 TMP_MARK = ".tmp-"  # in the name of a local write not published yet
@@ -690,7 +690,7 @@ def temporaries(folder: str) -> list[str]:
     return list_files(join(folder, f"*{TMP_MARK}*"))
 
 
-# --- moving and identifying ------------------------------------------------------------------
+# --- moving and describing ------------------------------------------------------------------
 
 def move_many(pairs: Iterable[tuple[str, str]]) -> None:
     """Renames files, (source, target) each: locally `os.replace` (folders made as needed); on
@@ -712,18 +712,25 @@ def move_many(pairs: Iterable[tuple[str, str]]) -> None:
     delete(s for s, _ in remote)
 
 
-def identity(path: str, user_project: Optional[str] = None) -> tuple[int, int, str]:
-    """What changes when a file's content does, read without reading the content: (size,
-    mtime in ns, "") locally, (size, generation, crc32c) on GCS (a new upload is a new
-    generation; the crc32c is the store's own checksum, base64).
+class FileStat(NamedTuple):
+    """What changes when a file's content does, read without reading the content."""
+
+    size: int
+    version: int  # mtime in ns locally; the generation on GCS (a new upload is a new one)
+    crc32c: str = ""  # GCS's own checksum (base64); "" locally
+    md5: str = ""  # GCS's (base64; a composite object has none); "" locally
+
+
+def file_stat(path: str, user_project: Optional[str] = None) -> FileStat:
+    """A file's `FileStat`: one metadata call on GCS, a stat locally.
 
     Raises:
         FileNotFoundError: no such file.
     """
     if not is_gcs(path):
         info = os.stat(path)
-        return info.st_size, info.st_mtime_ns, ""
+        return FileStat(info.st_size, info.st_mtime_ns)
     blob = _blob(path, user_project)
     with _gcs_errors(path):
         retried("read", lambda: blob.reload(retry=None))
-    return int(blob.size), int(blob.generation), blob.crc32c or ""
+    return FileStat(int(blob.size), int(blob.generation), blob.crc32c or "", blob.md5_hash or "")

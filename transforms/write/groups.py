@@ -121,10 +121,10 @@ def ledger_name(dead: DeadLetter) -> str:
 
 
 def _identities(paths: Sequence[str], user_project: Optional[str]
-                ) -> list[Optional[tuple[int, int, str]]]:
-    def one(path: str) -> Optional[tuple[int, int, str]]:
+                ) -> list[Optional[storage.FileStat]]:
+    def one(path: str) -> Optional[storage.FileStat]:
         try:
-            return storage.identity(path, user_project)
+            return storage.file_stat(path, user_project)
         except FileNotFoundError:
             return None
 

@@ -34,12 +34,7 @@ from transforms.ledger import DEFAULT_MAX_FAILED_FRACTION, ConservationError, ch
 from transforms.chunks.format import FORMAT_VERSION
 from transforms.chunks.record import SUMMARISED, Summary
 from transforms.errors import InputError
-from transforms.write.provenance import (
-    add_tallies,
-    collect,
-    image_list_digest,
-    package_versions,
-)
+from transforms.write.provenance import add_tallies, collect, package_versions, with_images
 from transforms.records import DROP_REASONS, FAIL_REASONS, DeadLetter
 from transforms.write.groups import RecordRef
 from transforms.write.resume import TMP_DIR, prepare_tmp, tmp_dir
@@ -470,10 +465,7 @@ class _CommitFn(beam.DoFn):
         check_failed_fraction(dead, ledger.get("cohort/records", 0), self._max_failed_fraction)
         settings = self._settings
         if images is not None:
-            source = settings["provenance"]["provenance"]
-            settings = {**settings, "provenance": {**settings["provenance"], "provenance": {
-                **source, "inputs": {**source.get("inputs", {}),
-                                     "images": image_list_digest(images)}}}}
+            settings = {**settings, "provenance": with_images(settings["provenance"], images)}
         meta = build_metadata(
             chunks=chunks,
             stats=stats,

@@ -99,15 +99,8 @@ def table_file(path: str, user_project: Optional[str] = None) -> dict[str, Any]:
     """
     if not storage.is_gcs(path):
         return {"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
-    bucket, name = storage.split_gcs(path)
-    handle = storage.gcs_bucket(bucket, user_project)
-    try:
-        blob = storage.retried("read", lambda: handle.get_blob(name, retry=None))
-    except storage.gcs_call_errors() as err:
-        raise OSError(f"{path}: {storage.error_line(err)}") from err
-    if blob is None:
-        raise FileNotFoundError(f"no such object: {path}")
-    return {"path": path, "bytes": int(blob.size), "crc32c": blob.crc32c, "md5": blob.md5_hash}
+    found = storage.file_stat(path, user_project)
+    return {"path": path, "bytes": found.size, "crc32c": found.crc32c, "md5": found.md5 or None}
 
 
 def input_tables(paths: dict[str, str], user_project: Optional[str] = None
@@ -123,12 +116,11 @@ IMAGE_DIGEST_RULE = ("sum mod 2**256 of sha256(relative path, TAB, bytes, TAB, t
 ImageTally = tuple[int, int, int]  # (images, bytes, digest sum)
 
 
-def image_tally(relpath: str, identity: Optional[tuple]) -> ImageTally:
-    """One image's share of `image_list_digest`; `identity` is `storage.identity`'s (size,
-    version, checksum), None for a missing file. Metadata only: no image is read twice."""
-    size, checksum = (identity[0], identity[2]) if identity else ("missing", "")
-    line = f"{relpath}\t{size}\t{checksum}".encode()
-    return 1, identity[0] if identity else 0, int(hashlib.sha256(line).hexdigest(), 16)
+def image_tally(relpath: str, found: Optional[storage.FileStat]) -> ImageTally:
+    """One image's share of `image_list_digest` from its `storage.file_stat` (None: missing).
+    Metadata only: no image is read twice."""
+    line = (f"{relpath}\t{found.size}\t{found.crc32c}" if found else f"{relpath}\tmissing\t")
+    return 1, found.size if found else 0, int(hashlib.sha256(line.encode()).hexdigest(), 16)
 
 
 def add_tallies(tallies: Iterable[ImageTally]) -> ImageTally:
@@ -144,6 +136,13 @@ def image_list_digest(tally: ImageTally) -> dict[str, Any]:
     images, size, total = tally
     return {"images": images, "bytes": size, "digest": f"{total:064x}",
             "rule": IMAGE_DIGEST_RULE}
+
+
+def with_images(collected: dict[str, Any], tally: ImageTally) -> dict[str, Any]:
+    """`collect()`'s result with `image_list_digest(tally)` as provenance.inputs.images."""
+    source = collected["provenance"]
+    inputs = {**source.get("inputs", {}), "images": image_list_digest(tally)}
+    return {**collected, "provenance": {**source, "inputs": inputs}}
 
 
 def _git(*args: str) -> Optional[str]:

@@ -74,7 +74,7 @@ def run_fingerprint(config: Mapping[str, Any], provenance: Mapping[str, Any]) ->
 
 
 def group_fingerprint(run: str, split: str, group: int, records: Sequence[CohortRecord],
-                      images: Sequence[Optional[tuple[int, int, str]]]) -> str:
+                      images: Sequence[Optional[storage.FileStat]]) -> str:
     """The fingerprint of one group: the run's, its place, its records (every joined fact, in
     order) and the identity of each record's image (None: missing)."""
     digest = hashlib.sha256(f"{run}\0{split}\0{group}\0".encode())
